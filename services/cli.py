@@ -1,0 +1,26 @@
+"""`rlad`: one command-line tool for every process of the stack.
+
+Each subcommand lives in its own module under `services/entrypoints/` and imports its
+heavy dependencies (torch, vLLM, DeepSpeed) only when it runs, so `rlad --help` is instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="rlad",
+    help="Reinforcement-aware distillation: RL post-training with a teacher in the loop.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+# (subcommand, module under services.entrypoints); each module defines `command`.
+COMMANDS: list[tuple[str, str]] = [
+]
+
+for _name, _module in COMMANDS:
+    app.command(_name)(importlib.import_module(f"services.entrypoints.{_module}").command)

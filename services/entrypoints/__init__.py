@@ -1,0 +1,1 @@
+"""Thin entry points, one per `rlad` subcommand: parse options, import lazily, run."""

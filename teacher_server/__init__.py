@@ -1,0 +1,1 @@
+"""HTTP service returning a teacher model's token logprobs."""

@@ -1,0 +1,1 @@
+"""DeepSpeed trainer and the TRRD / GRPO / KDRL losses."""
