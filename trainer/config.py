@@ -1,0 +1,52 @@
+"""Configuration of the trainer process (`rlad train`): optimisation, batching, DeepSpeed,
+staleness, checkpoints and weight pushes. The loss itself is `trainer.algorithm.AlgorithmConfig`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+
+class TrainerConfig(BaseModel):
+    steps: int = Field(default=30, ge=1, description="Optimizer steps (one per global batch).")
+    batch_prompts: int = Field(
+        default=8, ge=1, description="Prompt groups per global batch (B); each holds G samples."
+    )
+    lr: float = Field(default=1e-5, gt=0.0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    warmup_steps: int = Field(default=0, ge=0, description="Linear LR warm-up, then constant.")
+    grad_clip: float = Field(default=1.0, gt=0.0, description="Global gradient-norm clip.")
+    micro_batch_tokens: int = Field(
+        default=8192,
+        ge=64,
+        description="Token budget of one forward/backward micro-batch (dynamic micro-batching).",
+    )
+    zero_stage: Literal[0, 1, 2, 3] = Field(default=0, description="DeepSpeed ZeRO stage.")
+    dtype: Literal["fp32", "bf16"] = Field(default="fp32", description="Training precision.")
+    max_staleness: int = Field(
+        default=2,
+        ge=0,
+        description="Groups sampled more than this many versions behind are dropped (counted).",
+    )
+    temperature: float = Field(
+        default=1.0, gt=0.0, description="Sampling temperature, applied to trainer logits too."
+    )
+    checkpoint_every: int = Field(
+        default=10, ge=1, description="Checkpoint (and acknowledge consumed groups) every N steps."
+    )
+    keep_checkpoints: int = Field(default=2, ge=1, description="Newest checkpoints kept on disk.")
+    push_transport: Literal["http", "file"] = Field(
+        default="http", description="How new weights reach the rollout servers."
+    )
+    push_timeout_s: float = Field(default=120.0, gt=0.0)
+    seed: int = Field(default=0)
+    tensorboard: bool = Field(default=False, description="Also log to TensorBoard (run_dir/tb).")
+    wandb_project: str | None = Field(default=None, description="Also log to this wandb project.")
+
+    @model_validator(mode="after")
+    def _checkpoint_within_run(self) -> TrainerConfig:
+        if self.checkpoint_every > self.steps:
+            self.checkpoint_every = self.steps
+        return self
