@@ -235,7 +235,7 @@ class GroupQueue:
                 bound = _next_id(_text(info["last-delivered-id"]))
             floor = bound if floor is None else min(floor, bound, key=_id_key)
         if floor is not None:
-            self.redis.xtrim(stream, minid=floor)
+            self.redis.xtrim(stream, minid=floor, approximate=False)
 
     # ------------------------------------------------------------ accounting
 
