@@ -20,7 +20,14 @@ app = typer.Typer(
 
 # (subcommand, module under services.entrypoints); each module defines `command`.
 COMMANDS: list[tuple[str, str]] = [
+    ("up", "up"),
+    ("rollout-worker", "rollout_worker"),
+    ("scorer", "scorer"),
+    ("train", "train"),
 ]
 
 for _name, _module in COMMANDS:
     app.command(_name)(importlib.import_module(f"services.entrypoints.{_module}").command)
+
+if __name__ == "__main__":  # `python -m services.cli`, e.g. under torchrun
+    app()

@@ -93,6 +93,8 @@ class GroupQueue:
     def __init__(self, client: redis.Redis, config: QueueConfig | None = None) -> None:
         self.redis = client
         self.config = config or QueueConfig()
+        self._forward_script = client.register_script(_FORWARD_LUA)
+        self._ack_script = client.register_script(_ACK_LUA)
         for stream, group in CONSUMER_GROUPS.items():
             self._ensure_group(stream, group)
 
@@ -115,16 +117,19 @@ class GroupQueue:
 
     def forward(
         self, source: str, message_id: str, target: str, group: RolloutGroup, counter: str
-    ) -> str:
-        """Publish the processed group and acknowledge its source message atomically, so a
-        crash between the two can neither lose the group nor publish it twice."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.xadd(target, {"data": wire.encode(group)})
-        pipe.xack(source, CONSUMER_GROUPS[source], message_id)
-        pipe.hincrby(STATS, counter, 1)
-        new_id = _text(pipe.execute()[0])
+    ) -> str | None:
+        """Acknowledge the source message and publish the processed group atomically.
+
+        Only the consumer whose acknowledgement succeeds publishes, so a message that was
+        reclaimed and processed twice is still forwarded once. Returns the new id, or None
+        when another consumer already forwarded it.
+        """
+        new_id = self._forward_script(
+            keys=[source, target, STATS],
+            args=[CONSUMER_GROUPS[source], message_id, wire.encode(group), counter],
+        )
         self.trim(source)
-        return new_id
+        return _text(new_id) if new_id else None
 
     def backlog(self) -> int:
         return int(self.redis.xlen(ROLLOUTS)) + int(self.redis.xlen(SCORED))
@@ -201,16 +206,17 @@ class GroupQueue:
         entries = self.redis.xclaim(stream, group, consumer, 0, message_ids)
         return [self._delivery(stream, group, entry) for entry in entries if entry]
 
-    def ack(self, stream: str, message_ids: list[str], counter: str | None = None) -> None:
-        """Acknowledge; `counter` grows by the number of ids in the same transaction."""
+    def ack(self, stream: str, message_ids: list[str], counter: str | None = None) -> int:
+        """Acknowledge; `counter` grows by the number actually acknowledged (atomically)."""
         if not message_ids:
-            return
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.xack(stream, CONSUMER_GROUPS[stream], *message_ids)
-        if counter:
-            pipe.hincrby(STATS, counter, len(message_ids))
-        pipe.execute()
+            return 0
+        acked = int(
+            self._ack_script(
+                keys=[stream, STATS], args=[CONSUMER_GROUPS[stream], counter or "", *message_ids]
+            )
+        )
         self.trim(stream)
+        return acked
 
     def dead_letter(self, stream: str, message_id: str, reason: str) -> None:
         entries = self.redis.xrange(stream, message_id, message_id)
@@ -244,6 +250,24 @@ class GroupQueue:
 
     def stats(self) -> dict[str, int]:
         return {_text(k): int(v) for k, v in self.redis.hgetall(STATS).items()}
+
+
+# KEYS: source, target, stats; ARGV: consumer group, message id, payload, counter.
+_FORWARD_LUA = """
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  local id = redis.call('XADD', KEYS[2], '*', 'data', ARGV[3])
+  redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
+  return id
+end
+return false
+"""
+
+# KEYS: stream, stats; ARGV: consumer group, counter ('' for none), message ids...
+_ACK_LUA = """
+local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3))
+if ARGV[2] ~= '' and n > 0 then redis.call('HINCRBY', KEYS[2], ARGV[2], n) end
+return n
+"""
 
 
 def _text(value: Any) -> str:

@@ -21,8 +21,8 @@ from trainer.config import TrainerConfig
 
 class ServerSpec(BaseModel):
     backend: Literal["vllm", "hf"] = Field(default="vllm", description="Inference engine.")
-    memory_fraction: float = Field(
-        default=0.05, gt=0.0, le=1.0, description="vLLM gpu_memory_utilization (RAM on CPU)."
+    kv_cache_gib: int = Field(
+        default=1, ge=1, description="vLLM CPU build: RAM reserved for the KV cache (GiB)."
     )
     extra_args: list[str] = Field(default_factory=list, description="More `rlad serve-*` flags.")
 

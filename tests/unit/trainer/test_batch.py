@@ -1,0 +1,69 @@
+"""Batch assembly: alignment of per-token quantities, token-budget packing, padding."""
+
+from __future__ import annotations
+
+import torch
+
+from services.protocol import CompletionRecord, RolloutGroup
+from trainer.batch import collate, empty_batch, flatten, pack
+
+
+def group(prompt: list[int], completions: list[list[int]]) -> RolloutGroup:
+    return RolloutGroup(
+        group_id="g",
+        prompt_id="p",
+        task="t",
+        policy_version=0,
+        prompt_token_ids=prompt,
+        completions=[
+            CompletionRecord(
+                token_ids=ids,
+                rollout_logprobs=[-float(i + 1) for i in range(len(ids))],
+                teacher_logprobs=[-10.0 - i for i in range(len(ids))],
+                reward=1.0,
+                finish_reason="stop",
+                correct=bool(len(ids) % 2),
+            )
+            for ids in completions
+        ],
+    )
+
+
+def test_completion_tokens_land_on_shifted_positions() -> None:
+    # Prompt [5, 6, 7] (P=3), completion [8, 9]: logprob of token 8 is predicted from
+    # position 2 (the last prompt token), token 9 from position 3 → positions 2 and 3.
+    samples = flatten([group([5, 6, 7], [[8, 9], [8]])], torch.tensor([[0.5, -0.5]]))
+    batch = collate(samples, pad_id=0)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 6, 7, 8, 0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert batch.loss_mask.tolist() == [[0, 0, 1, 1], [0, 0, 1, 0]]
+    assert batch.rollout_logprobs.tolist() == [[0, 0, -1, -2], [0, 0, -1, 0]]
+    assert batch.teacher_logprobs is not None
+    assert batch.teacher_logprobs.tolist() == [[0, 0, -10, -11], [0, 0, -10, 0]]
+    assert batch.advantages.tolist() == [0.5, -0.5]
+    assert batch.correct is not None and batch.correct.tolist() == [False, True]
+    assert batch.num_tokens == 3
+
+
+def test_empty_completions_are_skipped() -> None:
+    samples = flatten([group([1, 2], [[], [3]])], torch.tensor([[1.0, -1.0]]))
+    assert [s.input_ids for s in samples] == [[1, 2, 3]]
+    assert samples[0].advantage == -1.0
+
+
+def test_packing_respects_the_token_budget_and_keeps_every_sample() -> None:
+    lengths = [3, 10, 4, 7, 7, 2, 9]
+    prompt = [1]
+    samples = flatten(
+        [group(prompt, [[2] * (n - 1) for n in lengths])], torch.zeros((1, len(lengths)))
+    )
+    batches = pack(samples, token_budget=16)
+    assert sorted(s.num_tokens for b in batches for s in b) == sorted(lengths)
+    for b in batches:
+        assert len(b) * max(s.num_tokens for s in b) <= 16 or len(b) == 1
+
+
+def test_empty_batch_has_no_loss_tokens() -> None:
+    batch = empty_batch(pad_id=0, with_teacher=True)
+    assert batch.num_tokens == 0
+    assert batch.teacher_logprobs is not None

@@ -1,0 +1,253 @@
+"""The trainer process: scored groups from Redis → TRRD / GRPO / KDRL update with DeepSpeed →
+new weights pushed to every rollout server → checkpoint → acknowledgement.
+
+One optimizer step per global batch of B groups × G completions. Each rank consumes its
+share of groups as its own consumer (`trainer-<rank>`), drops groups more than
+`max_staleness` versions old (counted), and holds the rest pending until the checkpoint
+that contains their update is on disk (see `trainer.checkpoint`).
+
+Run: `rlad train --config configs/tiny-cpu.yaml --rollout-url http://127.0.0.1:8001`
+(several ranks: `torchrun --nproc_per_node 2 -m trainer.main --config ...`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from services.protocol import RolloutGroup
+from services.queue import SCORED, TRAINER_STATE, Delivery, GroupQueue
+from services.rollout_client import RolloutClient, make_probe
+from services.run_config import RunConfig
+from trainer import checkpoint
+from trainer.advantages import group_advantages
+from trainer.batch import MicroBatch, collate, empty_batch, flatten, pack
+from trainer.engine import create_engine, full_state_dict, init_distributed
+from trainer.logprobs import sequence_logprobs
+from trainer.loss import LossInputs, policy_loss
+from trainer.metrics_sink import MetricsSink
+from trainer.step_metrics import WeightedMeans, batch_metrics
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    def __init__(
+        self,
+        run: RunConfig,
+        queue: GroupQueue,
+        rollout_urls: list[str],
+        api_key: str | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.run = run
+        self.config = run.trainer
+        self.algorithm = run.algorithm
+        self.queue = queue
+        self.should_stop = should_stop
+        self.rank, self.world = init_distributed()
+        self.is_main = self.rank == 0
+        self.consumer = f"trainer-{self.rank}"
+        torch.manual_seed(self.config.seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(run.student)
+        model = AutoModelForCausalLM.from_pretrained(run.student, torch_dtype=torch.float32)
+        self.ref_model = None
+        if self.algorithm.kl_beta > 0:  # β = 0 (default): no reference model is loaded
+            self.ref_model = AutoModelForCausalLM.from_pretrained(run.student).eval()
+        self.engine = create_engine(model, self.config, self.world)
+        self.folder = run.folder
+        self.ckpt_dir = self.folder / "checkpoints"
+        self.sink = MetricsSink(self.folder, self.config.tensorboard, self.config.wandb_project)
+        self.rollout = RolloutClient(rollout_urls, api_key=api_key) if rollout_urls else None
+        self.loop = asyncio.new_event_loop()
+        self.progress = checkpoint.Progress()
+        self.retrain: list[Delivery] = []
+
+    # ------------------------------------------------------------ resume
+
+    def resume(self) -> None:
+        """Restore the newest checkpoint and settle the groups left pending by the crash."""
+        restored = checkpoint.load(self.engine, self.ckpt_dir)
+        if restored is not None:
+            self.progress = restored
+        pending = self.queue.pending_for(SCORED, self.consumer)
+        contained = set(self.progress.consumed)
+        done = [m for m in pending if m in contained]
+        self.queue.ack(SCORED, done, counter="trained")
+        self.retrain = self.queue.claim(SCORED, self.consumer, [m for m in pending if m not in contained])
+        self.progress.consumed = []
+        log.info(
+            "resumed at step %d (version %d): %d pending groups already trained, %d to retrain",
+            self.progress.step, self.progress.policy_version, len(done), len(self.retrain),
+        )
+        # The servers may already serve a newer version pushed after that checkpoint.
+        if self.rollout is not None:
+            served = self.loop.run_until_complete(self.rollout.info()).policy_version or 0
+            self.progress.policy_version = max(self.progress.policy_version, served)
+        self.push_weights()
+
+    # ------------------------------------------------------------ batches
+
+    def collect(self, wanted: int) -> list[Delivery]:
+        """`wanted` fresh groups for this rank; stale ones are dropped and counted."""
+        batch: list[Delivery] = []
+        while len(batch) < wanted and not self.should_stop():
+            if self.retrain:
+                deliveries, self.retrain = self.retrain[:wanted], self.retrain[wanted:]
+            else:
+                deliveries = self.queue.consume(
+                    SCORED, self.consumer, count=wanted - len(batch), block_ms=500, reclaim=False
+                )
+            stale = []
+            for delivery in deliveries:
+                assert delivery.group is not None
+                lag = self.progress.policy_version - delivery.group.policy_version
+                self.queue.redis.hincrby(TRAINER_STATE, f"staleness_{max(lag, 0)}", 1)
+                if lag > self.config.max_staleness:
+                    stale.append(delivery.message_id)
+                else:
+                    batch.append(delivery)
+            self.queue.ack(SCORED, stale, counter="stale")
+        return batch
+
+    def micro_batches(self, groups: list[RolloutGroup]) -> tuple[list[MicroBatch], dict[str, float]]:
+        rewards = torch.tensor([[c.reward for c in g.completions] for g in groups])
+        advantages, stats = group_advantages(rewards, self.algorithm)
+        kept = [g for g, keep in zip(groups, stats.keep.tolist(), strict=True) if keep]
+        samples = flatten(kept, advantages[stats.keep])
+        batches = [collate(chunk, self.tokenizer.pad_token_id) for chunk in pack(samples, self.config.micro_batch_tokens)]
+        # Every rank must run the same number of forward/backward passes (ZeRO collectives).
+        count = torch.tensor([len(batches)])
+        if self.world > 1:
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        with_teacher = self.algorithm.name != "grpo"
+        batches += [empty_batch(self.tokenizer.pad_token_id, with_teacher)] * (int(count) - len(batches))
+        return batches, batch_metrics(groups, self.progress.policy_version, stats)
+
+    # ------------------------------------------------------------ one step
+
+    def train_step(self, groups: list[RolloutGroup]) -> dict[str, float]:
+        started = time.perf_counter()
+        batches, metrics = self.micro_batches(groups)
+        totals = torch.tensor(
+            [float(sum(b.num_tokens for b in batches)), float(sum(int(b.loss_mask.any(1).sum()) for b in batches))]
+        )
+        if self.world > 1:
+            dist.all_reduce(totals)
+        # DeepSpeed averages gradients over ranks; scaling by world size turns that average
+        # back into the global-batch normalisation the loss asks for.
+        total_tokens, total_sequences = (totals / self.world).tolist()
+        means = WeightedMeans()
+        self.engine.train()
+        for i, batch in enumerate(batches):
+            self.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
+            loss, loss_metrics = self.forward_loss(batch, total_tokens, total_sequences)
+            self.engine.backward(loss, scale_wrt_gas=False)
+            means.add(loss_metrics, weight=batch.num_tokens)
+        self.engine.step()
+        self.progress.step += 1
+        metrics.update(means.result(self.world))
+        metrics["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        metrics["lr"] = float(self.engine.get_lr()[0])
+        elapsed = time.perf_counter() - started
+        metrics["step_time_s"] = elapsed
+        metrics["tokens_per_s"] = totals[0].item() / max(elapsed, 1e-9)
+        return metrics
+
+    def forward_loss(
+        self, batch: MicroBatch, total_tokens: float, total_sequences: float
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        logprobs, entropy = sequence_logprobs(
+            self.engine, batch.input_ids, batch.attention_mask, self.config.temperature, with_entropy=True
+        )
+        ref = None
+        if self.ref_model is not None:
+            with torch.no_grad():
+                ref, _ = sequence_logprobs(
+                    self.ref_model, batch.input_ids, batch.attention_mask, self.config.temperature
+                )
+        inputs = LossInputs(
+            trainer_logprobs=logprobs,
+            # One optimizer step per batch: the weights at the start of the step are the
+            # weights of this very forward, so its detached logprobs ARE logp_old, exactly.
+            old_logprobs=logprobs.detach(),
+            rollout_logprobs=batch.rollout_logprobs,
+            teacher_logprobs=batch.teacher_logprobs,
+            ref_logprobs=ref,
+            advantages=batch.advantages,
+            loss_mask=batch.loss_mask,
+            correct=batch.correct,
+            entropy=entropy,
+        )
+        return policy_loss(inputs, self.algorithm, self.progress.step, total_tokens, total_sequences)
+
+    # ------------------------------------------------------------ weights and state
+
+    def push_weights(self) -> None:
+        state = full_state_dict(self.engine, self.config.zero_stage)
+        if not self.is_main or self.rollout is None:
+            return
+        probe_ids = self.tokenizer.encode("Probe: who is a knight?", add_special_tokens=False)
+        probe = make_probe(self.engine.module, probe_ids)
+        self.progress.policy_version += 1
+        self.loop.run_until_complete(
+            self.rollout.push_weights(
+                state,
+                self.progress.policy_version,
+                probe=probe,
+                transport=self.config.push_transport,
+                shared_dir=self.folder / "weights",
+            )
+        )
+
+    def publish_state(self) -> None:
+        self.queue.redis.hset(
+            TRAINER_STATE,
+            mapping={
+                "step": self.progress.step,
+                "policy_version": self.progress.policy_version,
+                "updated_at": time.time(),
+            },
+        )
+
+    def save_checkpoint(self) -> None:
+        checkpoint.save(self.engine, self.ckpt_dir, self.progress, self.config.keep_checkpoints, self.is_main)
+        self.queue.ack(SCORED, self.progress.consumed, counter="trained")
+        self.progress.consumed = []
+
+    def export(self, folder: Path) -> None:
+        state = full_state_dict(self.engine, self.config.zero_stage)
+        if self.is_main:
+            self.engine.module.save_pretrained(folder, state_dict=state, safe_serialization=True)
+            self.tokenizer.save_pretrained(folder)
+
+    # ------------------------------------------------------------ the loop
+
+    def train(self) -> None:
+        share = max(1, self.config.batch_prompts // self.world)
+        self.publish_state()
+        while self.progress.step < self.config.steps and not self.should_stop():
+            deliveries = self.collect(share)
+            if self.should_stop():
+                break
+            metrics = self.train_step([d.group for d in deliveries if d.group is not None])
+            self.progress.consumed += [d.message_id for d in deliveries]
+            self.push_weights()
+            self.publish_state()
+            if self.is_main:
+                self.sink.log(self.progress.step, metrics)
+            if self.progress.step % self.config.checkpoint_every == 0:
+                self.save_checkpoint()
+        if self.progress.consumed:
+            self.save_checkpoint()
+        self.export(self.folder / "final")
+        self.sink.close()
+        self.loop.close()
