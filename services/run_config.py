@@ -63,7 +63,7 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _teacher_when_needed(self) -> RunConfig:
-        needs_teacher = self.algorithm.name != "grpo"
+        needs_teacher = self.algorithm.uses_teacher
         if needs_teacher and self.scorer.mode == "passthrough":
             raise ValueError(
                 f"algorithm {self.algorithm.name!r} needs teacher logprobs, but scorer.mode is "

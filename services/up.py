@@ -10,10 +10,13 @@ logs/.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ import redis
 from services.live_view import LiveView
 from services.plots import plot_curves
 from services.processes import ManagedProcess, free_port
-from services.queue import STATS, embedded_url, start_embedded_redis
+from services.queue import ROLLOUTS, SCORED, STATS, embedded_url, start_embedded_redis
 from services.run_config import RunConfig, dump_run_config
 from trainer.metrics_sink import read_metrics
 
@@ -80,12 +83,26 @@ def server_args(kind: str, model: str, spec: Any, port: int) -> list[str]:
     ]  # fmt: skip
 
 
-def launch(run: RunConfig, config_path: Path, stack: Stack, redis_url: str, resume: bool) -> ManagedProcess:
-    """Start every process; returns the trainer."""
+@dataclass
+class Pipeline:
+    """A running pipeline: its processes and the addresses a caller may want to reach."""
+
+    stack: Stack
+    redis_url: str
+    rollout_url: str
+    teacher_urls: list[str]
+    trainer: ManagedProcess
+
+
+def launch(
+    run: RunConfig, config_path: Path, stack: Stack, redis_url: str, resume: bool
+) -> Pipeline:
     rollout_port = free_port()
     rollout_url = f"http://127.0.0.1:{rollout_port}"
     kv = {"VLLM_CPU_KVCACHE_SPACE": str(run.rollout_server.kv_cache_gib)}
-    rollout = stack.start("rollout", *server_args("rollout", run.student, run.rollout_server, rollout_port), env=kv)
+    rollout = stack.start(
+        "rollout", *server_args("rollout", run.student, run.rollout_server, rollout_port), env=kv
+    )
     teacher_urls = list(run.teacher_urls)
     teacher = None
     if run.scorer.mode == "teacher" and not teacher_urls:
@@ -93,7 +110,11 @@ def launch(run: RunConfig, config_path: Path, stack: Stack, redis_url: str, resu
         port = free_port()
         teacher_urls = [f"http://127.0.0.1:{port}"]
         kv_teacher = {"VLLM_CPU_KVCACHE_SPACE": str(run.teacher_server.kv_cache_gib)}
-        teacher = stack.start("teacher", *server_args("teacher", run.teacher, run.teacher_server, port), env=kv_teacher)
+        teacher = stack.start(
+            "teacher",
+            *server_args("teacher", run.teacher, run.teacher_server, port),
+            env=kv_teacher,
+        )
     rollout.wait_healthy(f"{rollout_url}/health")
     if teacher is not None:
         teacher.wait_healthy(f"{teacher_urls[0]}/health")
@@ -102,42 +123,64 @@ def launch(run: RunConfig, config_path: Path, stack: Stack, redis_url: str, resu
     stack.start("scorer", "scorer", *common, *teacher_flags, "--rollout-url", rollout_url)
     stack.start("rollout-worker", "rollout-worker", *common, "--rollout-url", rollout_url)
     train_flags = ["--resume"] if resume else []
-    return stack.start("trainer", "train", *common, "--rollout-url", rollout_url, *train_flags)
+    trainer = stack.start("trainer", "train", *common, "--rollout-url", rollout_url, *train_flags)
+    return Pipeline(stack, redis_url, rollout_url, teacher_urls, trainer)
 
 
-def up(run: RunConfig, resume: bool = False, live: bool = True) -> Path:
+def prepare_folder(run: RunConfig, resume: bool) -> Path:
+    """Create the run folder, write the resolved config; a fresh run clears old results."""
     folder = run.folder
     folder.mkdir(parents=True, exist_ok=True)
     config_path = folder / "config.yaml"
     dump_run_config(run, config_path)
     if not resume:
-        for stale in (folder / "metrics.jsonl", folder / "checkpoints"):
+        for stale in (
+            folder / "metrics.jsonl",
+            folder / "trained_groups.jsonl",
+            folder / "checkpoints",
+        ):
             if stale.is_dir():
                 shutil.rmtree(stale)
             else:
                 stale.unlink(missing_ok=True)
-    env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    stack = Stack(folder, env)
+    return config_path
+
+
+@contextmanager
+def pipeline(run: RunConfig, resume: bool = False) -> Iterator[Pipeline]:
+    """Start every process of the pipeline; stop them all on exit, whatever happened."""
+    config_path = prepare_folder(run, resume)
+    stack = Stack(run.folder, {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
     try:
         redis_url = prepare_redis(stack, fresh=not resume)
-        view = LiveView(run, redis.Redis.from_url(redis_url), folder / "metrics.jsonl", enabled=live)
-        with view:
-            view.status("starting servers (vLLM engines take ~30-60 s on CPU)")
-            trainer = launch(run, config_path, stack, redis_url, resume)
+        yield launch(run, config_path, stack, redis_url, resume)
+    finally:
+        stack.stop()
+
+
+def queue_accounts(client: redis.Redis) -> dict[str, int]:
+    """Counters plus what is still in the streams: produced = trained + stale + dead + in queue."""
+    accounts = {k.decode(): int(v) for k, v in client.hgetall(STATS).items()}
+    accounts["in_rollouts"] = int(client.xlen(ROLLOUTS))
+    accounts["in_scored"] = int(client.xlen(SCORED))
+    return accounts
+
+
+def up(run: RunConfig, resume: bool = False, live: bool = True) -> Path:
+    folder = run.folder
+    with pipeline(run, resume) as running:
+        client = redis.Redis.from_url(running.redis_url)
+        with LiveView(run, client, folder / "metrics.jsonl", enabled=live) as view:
             view.status("training")
-            while trainer.alive():
-                stack.check()
+            while running.trainer.alive():
+                running.stack.check()
                 view.refresh()
                 time.sleep(1.0)
             view.refresh()
-        code = trainer.wait()
+        code = running.trainer.wait()
         if code != 0:
-            raise RuntimeError(f"trainer exited with code {code}:\n{trainer.tail()}")
-        stats = redis.Redis.from_url(redis_url).hgetall(STATS)
-        (folder / "queue_stats.txt").write_text(
-            "".join(f"{k.decode()}: {int(v)}\n" for k, v in sorted(stats.items()))
-        )
-    finally:
-        stack.stop()
+            raise RuntimeError(f"trainer exited with code {code}:\n{running.trainer.tail()}")
+        accounts = queue_accounts(client)
+        (folder / "queue_accounts.json").write_text(json.dumps(accounts, indent=2))
     plot_curves(read_metrics(folder / "metrics.jsonl"), folder / "curves.png", title=run.name)
     return folder

@@ -13,6 +13,7 @@ Run: `rlad train --config configs/tiny-cpu.yaml --rollout-url http://127.0.0.1:8
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -20,10 +21,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from services.rollout_client import RolloutClient
 
+from rollout_server.weights import make_probe
 from services.protocol import RolloutGroup
 from services.queue import SCORED, TRAINER_STATE, Delivery, GroupQueue
-from services.rollout_client import RolloutClient, make_probe
 from services.run_config import RunConfig
 from trainer import checkpoint
 from trainer.advantages import group_advantages
@@ -82,11 +84,16 @@ class Trainer:
         contained = set(self.progress.consumed)
         done = [m for m in pending if m in contained]
         self.queue.ack(SCORED, done, counter="trained")
-        self.retrain = self.queue.claim(SCORED, self.consumer, [m for m in pending if m not in contained])
+        self.retrain = self.queue.claim(
+            SCORED, self.consumer, [m for m in pending if m not in contained]
+        )
         self.progress.consumed = []
         log.info(
             "resumed at step %d (version %d): %d pending groups already trained, %d to retrain",
-            self.progress.step, self.progress.policy_version, len(done), len(self.retrain),
+            self.progress.step,
+            self.progress.policy_version,
+            len(done),
+            len(self.retrain),
         )
         # The servers may already serve a newer version pushed after that checkpoint.
         if self.rollout is not None:
@@ -118,18 +125,25 @@ class Trainer:
             self.queue.ack(SCORED, stale, counter="stale")
         return batch
 
-    def micro_batches(self, groups: list[RolloutGroup]) -> tuple[list[MicroBatch], dict[str, float]]:
+    def micro_batches(
+        self, groups: list[RolloutGroup]
+    ) -> tuple[list[MicroBatch], dict[str, float]]:
         rewards = torch.tensor([[c.reward for c in g.completions] for g in groups])
         advantages, stats = group_advantages(rewards, self.algorithm)
         kept = [g for g, keep in zip(groups, stats.keep.tolist(), strict=True) if keep]
         samples = flatten(kept, advantages[stats.keep])
-        batches = [collate(chunk, self.tokenizer.pad_token_id) for chunk in pack(samples, self.config.micro_batch_tokens)]
+        batches = [
+            collate(chunk, self.tokenizer.pad_token_id)
+            for chunk in pack(samples, self.config.micro_batch_tokens)
+        ]
         # Every rank must run the same number of forward/backward passes (ZeRO collectives).
         count = torch.tensor([len(batches)])
         if self.world > 1:
             dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        with_teacher = self.algorithm.name != "grpo"
-        batches += [empty_batch(self.tokenizer.pad_token_id, with_teacher)] * (int(count) - len(batches))
+        with_teacher = self.algorithm.uses_teacher
+        batches += [empty_batch(self.tokenizer.pad_token_id, with_teacher)] * (
+            int(count) - len(batches)
+        )
         return batches, batch_metrics(groups, self.progress.policy_version, stats)
 
     # ------------------------------------------------------------ one step
@@ -138,7 +152,10 @@ class Trainer:
         started = time.perf_counter()
         batches, metrics = self.micro_batches(groups)
         totals = torch.tensor(
-            [float(sum(b.num_tokens for b in batches)), float(sum(int(b.loss_mask.any(1).sum()) for b in batches))]
+            [
+                float(sum(b.num_tokens for b in batches)),
+                float(sum(int(b.loss_mask.any(1).sum()) for b in batches)),
+            ]
         )
         if self.world > 1:
             dist.all_reduce(totals)
@@ -166,7 +183,11 @@ class Trainer:
         self, batch: MicroBatch, total_tokens: float, total_sequences: float
     ) -> tuple[torch.Tensor, dict[str, float]]:
         logprobs, entropy = sequence_logprobs(
-            self.engine, batch.input_ids, batch.attention_mask, self.config.temperature, with_entropy=True
+            self.engine,
+            batch.input_ids,
+            batch.attention_mask,
+            self.config.temperature,
+            with_entropy=True,
         )
         ref = None
         if self.ref_model is not None:
@@ -187,7 +208,9 @@ class Trainer:
             correct=batch.correct,
             entropy=entropy,
         )
-        return policy_loss(inputs, self.algorithm, self.progress.step, total_tokens, total_sequences)
+        return policy_loss(
+            inputs, self.algorithm, self.progress.step, total_tokens, total_sequences
+        )
 
     # ------------------------------------------------------------ weights and state
 
@@ -208,6 +231,16 @@ class Trainer:
             )
         )
 
+    def audit(self, groups: list[RolloutGroup]) -> None:
+        """Append which groups this step trained on (per rank), to audit exactly-once."""
+        line = {
+            "step": self.progress.step,
+            "rank": self.rank,
+            "groups": [g.group_id for g in groups],
+        }
+        with (self.folder / "trained_groups.jsonl").open("a") as f:
+            f.write(json.dumps(line) + "\n")
+
     def publish_state(self) -> None:
         self.queue.redis.hset(
             TRAINER_STATE,
@@ -219,7 +252,9 @@ class Trainer:
         )
 
     def save_checkpoint(self) -> None:
-        checkpoint.save(self.engine, self.ckpt_dir, self.progress, self.config.keep_checkpoints, self.is_main)
+        checkpoint.save(
+            self.engine, self.ckpt_dir, self.progress, self.config.keep_checkpoints, self.is_main
+        )
         self.queue.ack(SCORED, self.progress.consumed, counter="trained")
         self.progress.consumed = []
 
@@ -238,8 +273,10 @@ class Trainer:
             deliveries = self.collect(share)
             if self.should_stop():
                 break
-            metrics = self.train_step([d.group for d in deliveries if d.group is not None])
+            groups = [d.group for d in deliveries if d.group is not None]
+            metrics = self.train_step(groups)
             self.progress.consumed += [d.message_id for d in deliveries]
+            self.audit(groups)
             self.push_weights()
             self.publish_state()
             if self.is_main:

@@ -1,0 +1,177 @@
+"""The DeepSpeed trainer as a real process on a real Redis: exactly-once training across a
+crash and `--resume`, accounting, and a 2-rank run under torchrun (ZeRO-2, gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import yaml
+
+from services.processes import ManagedProcess, free_port
+from services.protocol import CompletionRecord, RolloutGroup
+from services.queue import SCORED, GroupQueue
+
+pytestmark = pytest.mark.slow
+
+
+def scored_group(index: int, rng: random.Random) -> RolloutGroup:
+    prompt = [rng.randrange(2, 90) for _ in range(6)]
+    completions = []
+    for j in range(4):
+        n = rng.randrange(3, 9)
+        completions.append(
+            CompletionRecord(
+                token_ids=[rng.randrange(2, 90) for _ in range(n)],
+                rollout_logprobs=[-4.5] * n,
+                teacher_logprobs=[-3.0 - 0.1 * k for k in range(n)],
+                reward=float(j % 2),
+                correct=bool(j % 2),
+                finish_reason="stop",
+            )
+        )
+    return RolloutGroup(
+        group_id=f"group-{index}",
+        prompt_id=f"p{index}",
+        task="synthetic",
+        policy_version=0,
+        prompt_token_ids=prompt,
+        completions=completions,
+    )
+
+
+def write_config(folder: Path, student: Path, **trainer: object) -> Path:
+    config = {
+        "name": "trainer-test",
+        "run_dir": str(folder),
+        "student": str(student),
+        "teacher": str(student),
+        "algorithm": {"name": "trrd", "alpha": 0.5},
+        "trainer": {"steps": 4, "batch_prompts": 2, "checkpoint_every": 2, "lr": 1e-4, **trainer},
+    }
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def trained_log(folder: Path) -> list[dict[str, object]]:
+    path = folder / "trainer-test" / "trained_groups.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def trainer_process(config: Path, redis_url: str, folder: Path, *extra: str) -> ManagedProcess:
+    argv = [sys.executable, "-m", "services.cli", "train", "--config", str(config)]
+    return ManagedProcess(
+        "trainer",
+        [*argv, "--redis-url", redis_url, *extra],
+        folder / "trainer.log",
+        env={"DS_ACCELERATOR": "cpu"},
+    ).start()
+
+
+def wait_for(condition: object, timeout_s: float, proc: ManagedProcess) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        proc.check_alive()
+        assert time.monotonic() < deadline, f"timed out; log:\n{proc.tail()}"
+        time.sleep(0.2)
+
+
+def test_crash_and_resume_train_every_group_exactly_once(
+    tmp_path: Path, tiny_student: Path, redis_url: str, fresh_redis: redis.Redis
+) -> None:
+    queue = GroupQueue(fresh_redis)
+    rng = random.Random(0)
+    # Three steps' worth: steps 1-2 are checkpointed, step 3 is trained but not
+    # checkpointed when the trainer blocks waiting for a fourth batch and is killed.
+    for i in range(6):
+        queue.publish(SCORED, scored_group(i, rng), counter="scored")
+    config = write_config(tmp_path, tiny_student)
+    first = trainer_process(config, redis_url, tmp_path)
+    wait_for(lambda: len(trained_log(tmp_path)) >= 3, 180, first)
+    time.sleep(0.5)
+    first.kill()
+    before = trained_log(tmp_path)
+    assert [row["step"] for row in before] == [1, 2, 3]
+    assert queue.stats().get("trained") == 4  # only the checkpointed steps are acknowledged
+    lost_in_crash = set(before[2]["groups"])  # type: ignore[arg-type]
+
+    for i in range(6, 8):
+        queue.publish(SCORED, scored_group(i, rng), counter="scored")
+    second = trainer_process(config, redis_url, tmp_path, "--resume")
+    assert second.wait(timeout_s=300) == 0, second.tail()
+    after = trained_log(tmp_path)[3:]
+    assert [row["step"] for row in after] == [3, 4]
+    durable = [g for row in before[:2] + after for g in row["groups"]]  # type: ignore[attr-defined]
+    assert sorted(durable) == sorted(f"group-{i}" for i in range(8)), "each group exactly once"
+    assert lost_in_crash <= set(after[0]["groups"])  # type: ignore[arg-type]
+    stats = queue.stats()
+    assert stats["trained"] == 8 and stats["scored"] == 8
+    assert queue.pending_for(SCORED, "trainer-0") == []
+    metrics = (tmp_path / "trainer-test" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(metrics[-1])["step"] == 4
+    assert (tmp_path / "trainer-test" / "final" / "model.safetensors").exists()
+
+
+def test_stale_groups_are_dropped_and_counted(
+    tmp_path: Path, tiny_student: Path, redis_url: str, fresh_redis: redis.Redis
+) -> None:
+    queue = GroupQueue(fresh_redis)
+    rng = random.Random(1)
+    # The trainer starts at version 0; a group claiming version -3 is 3 versions behind.
+    stale = scored_group(99, rng).model_copy(update={"policy_version": -3})
+    queue.publish(SCORED, stale, counter="scored")
+    for i in range(2):
+        queue.publish(SCORED, scored_group(i, rng), counter="scored")
+    config = write_config(tmp_path, tiny_student, steps=1, max_staleness=2)
+    proc = trainer_process(config, redis_url, tmp_path)
+    assert proc.wait(timeout_s=300) == 0, proc.tail()
+    stats = queue.stats()
+    assert stats["stale"] == 1 and stats["trained"] == 2
+    assert stats["scored"] == stats["trained"] + stats["stale"]
+
+
+def test_two_ranks_under_torchrun_with_zero2(
+    tmp_path: Path, tiny_student: Path, redis_url: str, fresh_redis: redis.Redis
+) -> None:
+    queue = GroupQueue(fresh_redis)
+    rng = random.Random(2)
+    for i in range(8):
+        queue.publish(SCORED, scored_group(i, rng), counter="scored")
+    config = write_config(tmp_path, tiny_student, steps=2, batch_prompts=4, zero_stage=2)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run(
+        [
+            str(torchrun),
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "services.cli",
+            "train",
+            "--config",
+            str(config),
+            "--redis-url",
+            redis_url,
+        ],
+        env={**os.environ, "DS_ACCELERATOR": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = trained_log(tmp_path)
+    assert sorted({(r["step"], r["rank"]) for r in rows}) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    groups = [g for r in rows for g in r["groups"]]  # type: ignore[attr-defined]
+    assert sorted(groups) == sorted(f"group-{i}" for i in range(8))
+    assert queue.stats()["trained"] == 8
