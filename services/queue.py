@@ -132,7 +132,11 @@ class GroupQueue:
         return _text(new_id) if new_id else None
 
     def backlog(self) -> int:
-        return int(self.redis.xlen(ROLLOUTS)) + int(self.redis.xlen(SCORED))
+        """Groups still waiting for a scorer or the trainer. Groups the trainer already
+        trained on but holds pending until its next checkpoint do not count: they would
+        otherwise stall producers whenever the bound is below one checkpoint interval."""
+        held = int(self.redis.xpending(SCORED, TRAINERS)["pending"])
+        return int(self.redis.xlen(ROLLOUTS)) + int(self.redis.xlen(SCORED)) - held
 
     def wait_for_room(self, poll_s: float = 0.2, should_stop: Any = None) -> None:
         """Block while the backlog exceeds the bound (backpressure on producers)."""

@@ -22,7 +22,7 @@ from services.protocol import (
     RolloutGroup,
     SamplingParams,
 )
-from services.queue import ROLLOUTS, GroupQueue
+from services.queue import ROLLOUTS, TRAINER_STATE, GroupQueue
 from services.run_config import RolloutWorkerConfig
 from services.tasks import Problem, Task
 
@@ -37,6 +37,7 @@ class RolloutWorker:
         generate: Callable[[GenerateRequest], Any],
         task: Task,
         tokenizer: Any,
+        sync_batch: int | None = None,
     ) -> None:
         self.config = config
         self.queue = queue
@@ -45,6 +46,7 @@ class RolloutWorker:
         self.tokenizer = tokenizer
         self.problems: Iterator[Problem] = task.problems("train", seed=config.seed)
         self.requests = itertools.count()
+        self.sync_batch = sync_batch  # synchronous mode: groups per trainer step
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(
@@ -95,12 +97,25 @@ class RolloutWorker:
             completions=records,
         )
 
+    def trainer_version(self) -> int:
+        return int(self.queue.redis.hget(TRAINER_STATE, "policy_version") or 0)
+
+    async def wait_for_new_version(self, seen: int, should_stop: Callable[[], bool]) -> None:
+        while self.trainer_version() <= seen and not should_stop():
+            await asyncio.sleep(0.05)
+
     async def run(self, should_stop: Callable[[], bool], max_groups: int | None = None) -> int:
-        produced = 0
+        produced = in_batch = 0
+        batch_version = self.trainer_version()
         while not should_stop() and (max_groups is None or produced < max_groups):
+            if self.sync_batch is not None and in_batch >= self.sync_batch:
+                await self.wait_for_new_version(batch_version, should_stop)
+                batch_version, in_batch = self.trainer_version(), 0
             await asyncio.to_thread(self.queue.wait_for_room, 0.2, should_stop)
             if should_stop():
                 break
-            produced += await self.produce_once()
+            made = await self.produce_once()
+            produced += made
+            in_batch += made
         log.info("rollout worker stopping after %d groups", produced)
         return produced

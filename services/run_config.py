@@ -34,6 +34,11 @@ class RolloutWorkerConfig(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     max_tokens: int = Field(default=160, ge=1, description="Completion length limit.")
     seed: int = Field(default=0)
+    synchronous: bool = Field(
+        default=False,
+        description="Strictly on-policy: after one trainer batch of groups, wait until the "
+        "trainer has pushed the next version (no overlap of generation and training).",
+    )
 
 
 class ScorerConfig(BaseModel):
@@ -71,6 +76,14 @@ class RunConfig(BaseModel):
             )
         if self.scorer.mode == "teacher" and not (self.teacher or self.teacher_urls):
             raise ValueError("scorer.mode 'teacher' needs `teacher` (a model) or `teacher_urls`")
+        if (
+            self.rollout.synchronous
+            and self.trainer.batch_prompts % self.rollout.prompts_per_request
+        ):
+            raise ValueError(
+                "rollout.synchronous needs trainer.batch_prompts to be a multiple of "
+                "rollout.prompts_per_request, so that a batch ends on a request boundary"
+            )
         if self.trainer.temperature != self.rollout.temperature:
             raise ValueError(
                 "trainer.temperature must equal rollout.temperature, so that trainer logprobs "

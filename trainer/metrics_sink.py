@@ -4,6 +4,7 @@ or wandb when configured (each imported only when asked for)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +41,11 @@ class MetricsSink:
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
         shown = "  ".join(
-            f"{label} {fmt.format(metrics[key])}" for key, label, fmt in CONSOLE_KEYS if key in metrics
+            f"{label} {fmt.format(metrics[key])}"
+            for key, label, fmt in CONSOLE_KEYS
+            if key in metrics
         )
         self.console.print(f"[bold]step {step}[/bold]  {shown}")
         if self.tb is not None:

@@ -35,7 +35,9 @@ def command(
 
     async def main() -> None:
         async with RolloutClient(rollout_url, api_key=api_key()) as client:
-            worker = RolloutWorker(run.rollout, queue, client.generate, load_task(run.task), tokenizer)
+            worker = RolloutWorker(
+                run.rollout, queue, client.generate, load_task(run.task), tokenizer
+            )
             await worker.run(stop, max_groups)
 
     asyncio.run(main())

@@ -127,3 +127,14 @@ def test_forward_is_idempotent_across_consumers(fresh_redis: redis.Redis) -> Non
     assert queue.stats()["scored"] == 1
     assert queue.ack(SCORED, ["0-1"], counter="trained") == 0  # unknown id: nothing counted
     assert "trained" not in queue.stats()
+
+
+def test_groups_held_by_the_trainer_do_not_count_as_backlog(fresh_redis: redis.Redis) -> None:
+    queue = GroupQueue(fresh_redis, QueueConfig(max_backlog=2))
+    queue.publish(SCORED, make_group(0))
+    queue.publish(SCORED, make_group(1))
+    assert queue.backlog() == 2
+    # Trained on, held pending until the next checkpoint: room for the producer again.
+    queue.consume(SCORED, "trainer-0", count=2, reclaim=False)
+    assert queue.backlog() == 0
+    queue.wait_for_room(poll_s=0.01)  # returns at once
