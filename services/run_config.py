@@ -57,7 +57,7 @@ class RunConfig(BaseModel):
     teacher_urls: list[str] = Field(
         default_factory=list, description="Remote teachers; when set, none is started locally."
     )
-    task: TaskConfig = Field(default_factory=TaskConfig)
+    task: TaskConfig = Field(description="Where prompts come from and how they are rewarded.")
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     rollout: RolloutWorkerConfig = Field(default_factory=RolloutWorkerConfig)

@@ -33,7 +33,7 @@ def tiny_run(folder: Path, student: Path, teacher: Path) -> RunConfig:
             "run_dir": str(folder),
             "student": str(student),
             "teacher": str(teacher),
-            "task": {"name": "kk", "rendering": "compact", "min_people": 2, "max_people": 2},
+            "task": {"name": "kk", "kk": {"people": [2], "rendering": "compact"}},
             "algorithm": {"name": "trrd", "alpha": 0.5},
             "trainer": {"steps": STEPS, "batch_prompts": 2, "checkpoint_every": 2, "lr": 1e-4},
             "rollout": {"group_size": 4, "prompts_per_request": 2, "max_tokens": 24},

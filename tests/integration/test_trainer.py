@@ -53,6 +53,7 @@ def write_config(folder: Path, student: Path, **trainer: object) -> Path:
         "run_dir": str(folder),
         "student": str(student),
         "teacher": str(student),
+        "task": {"name": "kk"},
         "algorithm": {"name": "trrd", "alpha": 0.5},
         "trainer": {"steps": 4, "batch_prompts": 2, "checkpoint_every": 2, "lr": 1e-4, **trainer},
     }

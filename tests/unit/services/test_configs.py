@@ -1,0 +1,55 @@
+"""Every shipped experiment config parses, and the cross-field checks catch mistakes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from services.run_config import RunConfig, load_run_config
+
+CONFIGS = sorted(Path(__file__).resolve().parents[3].joinpath("configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_parses(path: Path) -> None:
+    config = load_run_config(path)
+    assert config.trainer.steps >= 1
+
+
+def test_configs_exist() -> None:
+    assert any(p.name == "tiny-cpu.yaml" for p in CONFIGS)
+
+
+def test_overrides_use_dotted_keys(tmp_path: Path) -> None:
+    config = load_run_config(CONFIGS[0], {"trainer.steps": 3, "name": "x"})
+    assert (config.trainer.steps, config.name) == (3, "x")
+
+
+BASE = {"student": "s", "teacher": "t", "task": {"name": "kk"}}
+
+
+def test_teacher_losses_refuse_passthrough_scoring() -> None:
+    with pytest.raises(ValidationError, match="needs teacher logprobs"):
+        RunConfig.model_validate({**BASE, "scorer": {"mode": "passthrough"}})
+    grpo = {**BASE, "algorithm": {"name": "grpo"}, "scorer": {"mode": "passthrough"}}
+    assert RunConfig.model_validate(grpo).algorithm.alpha == 1.0
+
+
+def test_teacher_mode_needs_a_teacher() -> None:
+    with pytest.raises(ValidationError, match="needs `teacher`"):
+        RunConfig.model_validate({"student": "s", "task": {"name": "kk"}})
+    remote = {"student": "s", "task": {"name": "kk"}, "teacher_urls": ["http://t:8000"]}
+    assert RunConfig.model_validate(remote).teacher is None
+
+
+def test_trainer_and_sampler_temperatures_must_match() -> None:
+    with pytest.raises(ValidationError, match="temperature"):
+        RunConfig.model_validate({**BASE, "trainer": {"temperature": 0.7}})
+
+
+def test_synchronous_batches_end_on_request_boundaries() -> None:
+    bad = {**BASE, "rollout": {"synchronous": True, "prompts_per_request": 3}}
+    with pytest.raises(ValidationError, match="multiple"):
+        RunConfig.model_validate(bad)
