@@ -24,6 +24,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("rollout-worker", "rollout_worker"),
     ("scorer", "scorer"),
     ("train", "train"),
+    ("serve-rollout", "serve_rollout"),
 ]
 
 for _name, _module in COMMANDS:

@@ -1,0 +1,220 @@
+"""`VersionedEngine`: what both backends share — validation, the version gate, and the
+weight-update protocol. A backend adds sampling (`_sample`), loading plus probing
+(`_swap_in`) and aborting (`_abort_in_flight`).
+
+An update, whatever its transport:
+1. refuse early: version not above the serving one (409), checksum or probe missing when
+   required (422);
+2. stage: receive or link the files into a fresh folder, hash them, check names, shapes,
+   dtypes and checksums (`weights.verify_staged`); generation goes on meanwhile;
+3. swap, under the gate's exclusive side: in-flight generations finish or are aborted,
+   the backend loads the folder, resets caches and scores the probe; on any failure it
+   restores the previous weights before raising;
+4. commit: the version and revision change while still exclusive, so the first request
+   let in afterwards already reports them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Literal
+
+from rollout_server.config import RolloutServerConfig
+from rollout_server.engine import completion_budgets, resolve_prompts
+from rollout_server.gate import VersionGate
+from rollout_server.weights import (
+    UPLOAD_FILE,
+    StagedWeights,
+    WeightSchema,
+    file_sha256,
+    link_or_copy,
+    receive_upload,
+    verify_staged,
+)
+from services.protocol import (
+    GenerateRequest,
+    GenerateResponse,
+    PromptCompletions,
+    SamplingParams,
+    ServerInfo,
+    WeightProbe,
+    WeightUpdateRequest,
+    WeightUpdateResponse,
+)
+from services.serving import ApiError
+from teacher_server.model_files import ModelFacts
+
+log = logging.getLogger(__name__)
+Transport = Literal["file", "http", "nccl"]
+
+
+class VersionedEngine:
+    backend: Literal["vllm", "hf"]
+
+    def __init__(self, config: RolloutServerConfig, facts: ModelFacts, tokenizer: Any) -> None:
+        self.config = config
+        self.facts = facts
+        self.tokenizer = tokenizer
+        self.gate = VersionGate(config.policy_version)
+        self.revision = facts.revision
+        self.schema = WeightSchema.from_model_dir(facts.path)
+        self._owns_work_dir = config.work_dir is None
+        self.work_dir = Path(config.work_dir or tempfile.mkdtemp(prefix="rlad-rollout-"))
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        # Where the serving weights can be reloaded from, to roll back a failed update.
+        self.serving_dir = facts.path
+
+    # ------------------------------------------------------------ backend hooks
+
+    async def _sample(
+        self, prompts: list[list[int]], budgets: list[int], sampling: SamplingParams
+    ) -> list[PromptCompletions]:
+        raise NotImplementedError
+
+    async def _swap_in(self, staged: StagedWeights, probe: WeightProbe | None) -> float | None:
+        """Load `staged`, reset caches, check the probe (max |diff|); restore on failure."""
+        raise NotImplementedError
+
+    async def _abort_in_flight(self) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ serving
+
+    def info(self) -> ServerInfo:
+        return ServerInfo(
+            role="rollout",
+            model=self.config.model,
+            revision=self.revision,
+            backend=self.backend,
+            vocab_size=self.facts.vocab_size,
+            tokenizer_fingerprint=self.facts.tokenizer_fingerprint,
+            max_model_len=self.facts.max_model_len,
+            policy_version=self.gate.version,
+        )
+
+    async def generate(self, request: GenerateRequest) -> GenerateResponse:
+        prompts = resolve_prompts(request, self.tokenizer)
+        budgets = completion_budgets(
+            prompts,
+            request.sampling,
+            vocab_size=self.facts.vocab_size,
+            max_model_len=self.facts.max_model_len,
+            max_sequences=self.config.max_sequences_per_request,
+        )
+        async with self.gate.reading() as version:
+            results = await self._sample(prompts, budgets, request.sampling)
+        if request.prompt_texts is not None:
+            for result in results:
+                for completion in result.completions:
+                    completion.text = self.tokenizer.decode(
+                        completion.token_ids, skip_special_tokens=True
+                    )
+        return GenerateResponse(policy_version=version, results=results)
+
+    # ------------------------------------------------------------ weight updates
+
+    def _precheck(self, request: WeightUpdateRequest) -> None:
+        if request.version <= self.gate.version:
+            raise ApiError(
+                409,
+                "stale_version",
+                f"version {request.version} is not above the serving version "
+                f"{self.gate.version}; send a larger one",
+            )
+        if self.config.require_checksum and not request.sha256:
+            raise ApiError(422, "checksum_required", "this server requires sha256 of the weights")
+        if self.config.require_probe and request.probe is None:
+            raise ApiError(422, "probe_required", "this server requires a probe with each update")
+
+    def _new_staging_dir(self) -> Path:
+        folder = self.work_dir / f"staging-{uuid.uuid4().hex[:12]}"
+        folder.mkdir()
+        return folder
+
+    async def update_weights_from_path(self, request: WeightUpdateRequest) -> WeightUpdateResponse:
+        started = time.perf_counter()
+        self._precheck(request)
+        if request.path is None:
+            raise ApiError(422, "invalid_request", "give `path`: a safetensors file or folder")
+        folder = self._new_staging_dir()
+        try:
+            files = await asyncio.to_thread(link_or_copy, Path(request.path), folder)
+            digests = await asyncio.gather(*(asyncio.to_thread(file_sha256, f) for f in files))
+            received = {f.name: d for f, d in zip(files, digests, strict=True)}
+            staged = await asyncio.to_thread(
+                verify_staged, folder, self.schema, received, request.sha256
+            )
+            return await self._apply(staged, request, "file", started)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+    async def update_weights_from_upload(
+        self, chunks: AsyncIterator[bytes], request: WeightUpdateRequest
+    ) -> WeightUpdateResponse:
+        started = time.perf_counter()
+        self._precheck(request)
+        folder = self._new_staging_dir()
+        try:
+            _, digest = await receive_upload(
+                chunks,
+                folder,
+                max_bytes=self.config.max_weights_bytes,
+                idle_timeout_s=self.config.upload_idle_timeout_s,
+            )
+            staged = await asyncio.to_thread(
+                verify_staged, folder, self.schema, {UPLOAD_FILE: digest}, request.sha256
+            )
+            return await self._apply(staged, request, "http", started)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+    async def _apply(
+        self,
+        staged: StagedWeights,
+        request: WeightUpdateRequest,
+        transport: Transport,
+        started: float,
+    ) -> WeightUpdateResponse:
+        abort = self._abort_in_flight if self.config.in_flight_policy == "abort" else None
+        async with self.gate.writing(self.config.update_timeout_s, abort):
+            self._precheck(request)  # another update may have committed while we staged
+            probe_diff = await self._swap_in(staged, request.probe)
+            self.gate.version = request.version
+            self.revision = staged.revision
+            previous, self.serving_dir = self.serving_dir, staged.folder
+        if previous.parent == self.work_dir:  # never delete the model folder we started from
+            shutil.rmtree(previous, ignore_errors=True)
+        response = WeightUpdateResponse(
+            policy_version=request.version,
+            revision=staged.revision,
+            transport=transport,
+            bytes=staged.bytes,
+            duration_s=time.perf_counter() - started,
+            probe_max_abs_diff=probe_diff,
+        )
+        log.info(
+            "policy version %d (%s, %d bytes, %.3fs, probe diff %s)",
+            response.policy_version,
+            transport,
+            response.bytes,
+            response.duration_s,
+            probe_diff,
+        )
+        return response
+
+    def shutdown(self) -> None:
+        self._close()
+        if self._owns_work_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)

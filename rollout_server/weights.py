@@ -1,0 +1,284 @@
+"""Receiving, checking and staging a weight update; the probe both sides compute.
+
+An update is staged in a folder of its own before the engine sees it: the HTTP body is
+streamed to disk while its sha256 is computed, a shared-volume file is hard-linked (or
+copied), then every header is checked against the model's schema (names, shapes, float
+dtypes), the checksums are compared, and tied models get `lm_head.weight` written next
+to the rest (vLLM's CPU build keeps the old head otherwise; see ENVIRONMENT.md). Only a
+folder that passed all of that is handed to the engine. Any failure is an `ApiError`
+that names the problem; the serving weights were never touched.
+
+The probe: the sender computes `make_probe(model, token_ids)` with the weights it sends;
+after loading, the server scores the same tokens and `check_probe` requires equality.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from rollout_server.safetensors_io import (
+    SafetensorsFormatError,
+    TensorEntry,
+    data_size,
+    parse_header,
+    read_header,
+)
+from services.protocol import WeightProbe
+from services.serving import ApiError
+from trainer.logprobs import sequence_logprobs
+
+FLOAT_DTYPES = {"F32", "BF16", "F16"}
+UPLOAD_FILE = "model.safetensors"
+TIED_FILE = "tied-head.safetensors"
+WRITE_CHUNK = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class WeightSchema:
+    """Names and shapes the model's state dict has; tied pairs as {output: input} names."""
+
+    shapes: dict[str, tuple[int, ...]]
+    tied: dict[str, str]
+
+    @classmethod
+    def from_model_dir(cls, model_dir: Path) -> WeightSchema:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device("meta"):  # shapes only: no memory, no init
+            model = AutoModelForCausalLM.from_config(config)
+        shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        tied: dict[str, str] = {}
+        if getattr(config.get_text_config(), "tie_word_embeddings", False):
+            modules = {id(m): name for name, m in model.named_modules()}
+            out_name = modules[id(model.get_output_embeddings())] + ".weight"
+            in_name = modules[id(model.get_input_embeddings())] + ".weight"
+            tied[out_name] = in_name
+        return cls(shapes, tied)
+
+    def problems(self, entries: dict[str, TensorEntry]) -> list[str]:
+        found = []
+        for name, entry in sorted(entries.items()):
+            if name not in self.shapes:
+                found.append(f"unexpected tensor {name!r}")
+            elif entry.shape != self.shapes[name]:
+                found.append(
+                    f"{name}: shape {list(entry.shape)}, expected {list(self.shapes[name])}"
+                )
+            if entry.dtype not in FLOAT_DTYPES:
+                found.append(f"{name}: dtype {entry.dtype}, expected one of {sorted(FLOAT_DTYPES)}")
+        missing = sorted(set(self.shapes) - set(entries) - set(self.tied))
+        if missing:
+            more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+            found.append(f"missing tensors {missing[:5]}{more}")
+        return found
+
+
+@dataclass(frozen=True)
+class StagedWeights:
+    """A checked update in its own folder, ready to load: only its files are read."""
+
+    folder: Path
+    sha256: dict[str, str]  # file name -> hex digest of the bytes received
+    bytes: int
+
+    @property
+    def revision(self) -> str:
+        lines = "".join(f"{name}:{digest}\n" for name, digest in sorted(self.sha256.items()))
+        return hashlib.sha256(lines.encode()).hexdigest()[:16]
+
+    def files(self) -> list[Path]:
+        return sorted(self.folder.glob("*.safetensors"))
+
+
+def _write_and_hash(path: Path, data: bytes, digest: hashlib._Hash) -> None:
+    with path.open("ab") as f:
+        f.write(data)
+    digest.update(data)  # hashlib releases the GIL here, so this overlaps the network
+
+
+async def receive_upload(
+    chunks: AsyncIterator[bytes], folder: Path, *, max_bytes: int, idle_timeout_s: float
+) -> tuple[Path, str]:
+    """Stream a safetensors body into `folder`; returns (file, sha256). 400/408/413 on bad input."""
+    path = folder / UPLOAD_FILE
+    digest = hashlib.sha256()
+    head = b""
+    header: tuple[dict[str, TensorEntry], int] | None = None
+    buffer = bytearray()
+    received = 0
+    iterator = chunks.__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(iterator.__anext__(), idle_timeout_s)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise ApiError(
+                408, "upload_timeout", f"no bytes for {idle_timeout_s:.0f}s after {received} bytes"
+            ) from None
+        received += len(chunk)
+        if received > max_bytes:
+            raise ApiError(413, "too_large", f"upload exceeds max_weights_bytes ({max_bytes})")
+        if header is None:
+            head += chunk
+            try:
+                header = parse_header(head)
+            except SafetensorsFormatError as exc:
+                raise ApiError(400, "malformed_weights", str(exc)) from None
+        buffer += chunk
+        if len(buffer) >= WRITE_CHUNK:
+            await asyncio.to_thread(_write_and_hash, path, bytes(buffer), digest)
+            buffer.clear()
+    await asyncio.to_thread(_write_and_hash, path, bytes(buffer), digest)
+    if header is None:
+        raise ApiError(400, "malformed_weights", f"upload truncated: {received} bytes, no header")
+    expected = header[1] + data_size(header[0])
+    if received != expected:
+        raise ApiError(
+            400,
+            "truncated_upload" if received < expected else "malformed_weights",
+            f"received {received} bytes but the safetensors header describes {expected}",
+        )
+    return path, digest.hexdigest()
+
+
+def link_or_copy(source: Path, folder: Path) -> list[Path]:
+    """Put the update's safetensors files into `folder` (hard links when the volume allows)."""
+    if source.is_dir():
+        sources = sorted(source.glob("*.safetensors"))
+    elif source.is_file():
+        sources = [source]
+    else:
+        raise ApiError(422, "weights_not_found", f"{source} is neither a file nor a folder")
+    if not sources:
+        raise ApiError(422, "weights_not_found", f"no *.safetensors files in {source}")
+    staged = []
+    for src in sources:
+        dest = folder / src.name
+        try:
+            os.link(src, dest)  # a later rewrite by the sender must not change what we serve
+        except OSError:
+            shutil.copyfile(src, dest)
+        staged.append(dest)
+    return staged
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(WRITE_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_staged(
+    folder: Path,
+    schema: WeightSchema,
+    received_sha: dict[str, str],
+    declared_sha: dict[str, str] | None,
+) -> StagedWeights:
+    """Check headers against the schema and checksums against the sender's; tie the head."""
+    entries: dict[str, TensorEntry] = {}
+    where: dict[str, Path] = {}
+    problems: list[str] = []
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            file_entries = read_header(path)
+        except SafetensorsFormatError as exc:
+            raise ApiError(400, "malformed_weights", str(exc)) from None
+        for name in file_entries:
+            if name in entries:
+                problems.append(f"{name} appears in both {where[name].name} and {path.name}")
+            where[name] = path
+        entries.update(file_entries)
+    if declared_sha is not None:
+        if set(declared_sha) != set(received_sha):
+            raise ApiError(
+                400,
+                "checksum_mismatch",
+                f"sha256 given for files {sorted(declared_sha)}, received {sorted(received_sha)}",
+            )
+        for name, digest in sorted(received_sha.items()):
+            if declared_sha.get(name, "").lower() != digest:
+                raise ApiError(
+                    400,
+                    "checksum_mismatch",
+                    f"{name}: sha256 of the received bytes is {digest}, the sender declared "
+                    f"{declared_sha.get(name)!r}; the bytes were corrupted or truncated in transit",
+                )
+    problems += schema.problems(entries)
+    if problems:
+        raise ApiError(
+            422, "weights_mismatch", "weights do not fit the model: " + "; ".join(problems)
+        )
+    total = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    for out_name, in_name in schema.tied.items():
+        tie_check = _tie_head(folder, out_name, in_name, where)
+        if tie_check:
+            raise ApiError(422, "weights_mismatch", tie_check)
+    return StagedWeights(folder, dict(received_sha), total)
+
+
+def _load_tensor(path: Path, name: str) -> torch.Tensor:
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(name)
+
+
+def _tie_head(folder: Path, out_name: str, in_name: str, where: dict[str, Path]) -> str | None:
+    """Write the output head of a tied model when absent; refuse one that differs."""
+    embedding = _load_tensor(where[in_name], in_name)
+    if out_name not in where:
+        save_file({out_name: embedding.contiguous()}, str(folder / TIED_FILE))
+        return None
+    if not torch.equal(_load_tensor(where[out_name], out_name), embedding):
+        return f"tied model: {out_name} must equal {in_name} (the model shares them)"
+    return None
+
+
+# ---------------------------------------------------------------- probe
+
+
+def probe_token_ids(vocab_size: int, length: int = 32, seed: int = 0) -> list[int]:
+    """A fixed pseudo-random sequence: the same on sender and server for given arguments."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (length,), generator=generator).tolist()
+
+
+@torch.no_grad()
+def make_probe(model: nn.Module, token_ids: Sequence[int], atol: float = 1e-3) -> WeightProbe:
+    """The sender's side: logprobs of `token_ids[1:]` under `model` (temperature 1)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(token_ids)], device=device)
+    logprobs, _ = sequence_logprobs(model, ids, torch.ones_like(ids))
+    model.train(was_training)
+    return WeightProbe(token_ids=list(token_ids), logprobs=logprobs[0].float().tolist(), atol=atol)
+
+
+def check_probe(probe: WeightProbe, served: Sequence[float]) -> float:
+    """Max |served - sent| over the probe; 422 when it exceeds the probe's tolerance."""
+    diffs = [abs(a - b) for a, b in zip(served, probe.logprobs, strict=True)]
+    worst = max(range(len(diffs)), key=diffs.__getitem__)
+    if not diffs[worst] <= probe.atol:  # also catches NaN
+        raise ApiError(
+            422,
+            "probe_mismatch",
+            f"server logprobs differ from the sender's by {diffs[worst]:.3g} > atol "
+            f"{probe.atol:g} (token {worst + 1}: server {served[worst]:.6f}, sender "
+            f"{probe.logprobs[worst]:.6f}); the old weights keep serving. Check the dtype "
+            "and that the state dict is the model the probe was computed with.",
+        )
+    return diffs[worst]
