@@ -25,6 +25,8 @@ COMMANDS: list[tuple[str, str]] = [
     ("scorer", "scorer"),
     ("train", "train"),
     ("serve-rollout", "serve_rollout"),
+    ("serve-teacher", "serve_teacher"),
+    ("score", "score"),
 ]
 
 for _name, _module in COMMANDS:

@@ -34,14 +34,14 @@ class ErrorBody(WireModel):
 class ErrorResponse(WireModel):
     """The one error shape every server answers with, whatever the status code."""
 
-    error: ErrorBody
+    error: ErrorBody = Field(description="What went wrong.")
 
 
 class ServerInfo(WireModel):
-    role: Literal["teacher", "rollout"]
+    role: Literal["teacher", "rollout"] = Field(description="Which kind of server this is.")
     model: str = Field(description="Model id or path the server was started with.")
     revision: str = Field(description="Hash of the loaded weights (changes on every update).")
-    backend: Literal["vllm", "hf"]
+    backend: Literal["vllm", "hf"] = Field(description="Inference engine: vLLM or transformers.")
     vocab_size: int = Field(description="Rows of the model's embedding matrix.")
     tokenizer_fingerprint: str = Field(description="See `services.tokenizer_check`.")
     max_model_len: int = Field(description="Longest sequence (prompt + completion) accepted.")
@@ -75,20 +75,24 @@ class ScoreSequence(WireModel):
 
 
 class ScoreRequest(WireModel):
-    sequences: list[ScoreSequence] = Field(min_length=1)
+    sequences: list[ScoreSequence] = Field(min_length=1, description="Sequences to score.")
     top_k: int = Field(default=0, ge=0, le=64, description="Also return the k most likely ids.")
 
 
 class SequenceScores(WireModel):
     logprobs: list[float] = Field(description="Logprob of each scored token, `start..len-1`.")
-    top_k_ids: list[list[int]] | None = Field(default=None, description="[n_scored][k]")
-    top_k_logprobs: list[list[float]] | None = Field(default=None, description="[n_scored][k]")
+    top_k_ids: list[list[int]] | None = Field(
+        default=None, description="[n_scored][k] most likely ids per scored position, best first."
+    )
+    top_k_logprobs: list[list[float]] | None = Field(
+        default=None, description="[n_scored][k] logprobs of `top_k_ids`."
+    )
 
 
 class ScoreResponse(WireModel):
-    model: str
-    revision: str
-    scores: list[SequenceScores]
+    model: str = Field(description="Teacher model id or path.")
+    revision: str = Field(description="Hash of the teacher weights that computed the scores.")
+    scores: list[SequenceScores] = Field(description="One entry per request sequence, in order.")
 
 
 # ---------------------------------------------------------------- rollout generation

@@ -1,0 +1,114 @@
+"""Helpers for the teacher server tests: a naive reference forward pass, a teacher app
+served in a background thread (real HTTP on loopback, no process start-up), and a
+`rlad serve-teacher` child process."""
+
+from __future__ import annotations
+
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import uvicorn
+from transformers import AutoModelForCausalLM
+
+from services.processes import ManagedProcess, free_port
+from services.protocol import ScoreSequence
+from teacher_server.app import create_app
+from teacher_server.config import TeacherServerConfig
+from teacher_server.engine import TeacherEngine
+
+RLAD = str(Path(sys.executable).parent / "rlad")
+
+
+def random_sequences(
+    n: int, seed: int, min_len: int = 4, max_len: int = 48, vocab: int = 128
+) -> list[ScoreSequence]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = rng.randint(min_len, max_len)
+        ids = [rng.randrange(vocab) for _ in range(length)]
+        out.append(ScoreSequence(token_ids=ids, start=rng.randint(1, length - 1)))
+    return out
+
+
+def assert_logprobs_close(actual: list[float], expected: list[float], atol: float = 1e-4) -> None:
+    torch.testing.assert_close(
+        torch.tensor(actual, dtype=torch.float64),
+        torch.tensor(expected, dtype=torch.float64),
+        atol=atol,
+        rtol=0,
+    )
+
+
+class Reference:
+    """One sequence at a time, no padding, plain `log_softmax`: the answer to compare with."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    @torch.inference_mode()
+    def log_softmax(self, seq: ScoreSequence) -> torch.Tensor:  # [n_scored, vocab]
+        logits = self.model(torch.tensor([seq.token_ids])).logits[0]
+        return torch.log_softmax(logits.double(), dim=-1)[seq.start - 1 : -1]
+
+    def logprobs(self, seq: ScoreSequence) -> list[float]:
+        rows = self.log_softmax(seq)
+        return (
+            rows.gather(-1, torch.tensor(seq.token_ids[seq.start :]).unsqueeze(-1))
+            .squeeze(-1)
+            .tolist()
+        )
+
+
+class ThreadedServer:
+    """`create_app(config, engine)` under uvicorn in a daemon thread, on a free port."""
+
+    def __init__(self, config: TeacherServerConfig, engine: TeacherEngine) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(config, engine), host="127.0.0.1", port=self.port, log_level="warning"
+            )
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ThreadedServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"in-process teacher server on {self.url} did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+def start_teacher(
+    model_dir: Path, log_dir: Path, *args: str, env: dict[str, str] | None = None
+) -> tuple[ManagedProcess, str]:
+    """`rlad serve-teacher` as a child process; returns it and its URL once healthy."""
+    port = free_port()
+    proc = ManagedProcess(
+        f"teacher-{port}",
+        [RLAD, "serve-teacher", "--model", str(model_dir), "--port", str(port), *args],
+        log_dir / f"teacher-{port}.log",
+        env=env,
+    ).start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        proc.wait_healthy(f"{url}/health", timeout_s=240)
+    except Exception:
+        proc.stop()
+        raise
+    return proc, url
