@@ -67,8 +67,10 @@ class Reference:
 class ThreadedServer:
     """`create_app(config, engine)` under uvicorn in a daemon thread, on a free port."""
 
-    def __init__(self, config: TeacherServerConfig, engine: TeacherEngine) -> None:
-        self.port = free_port()
+    def __init__(
+        self, config: TeacherServerConfig, engine: TeacherEngine, port: int | None = None
+    ) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(
             uvicorn.Config(

@@ -1,0 +1,197 @@
+"""`TeacherClient` against teacher apps served on loopback: splitting, balancing,
+failover, breakers, health checks, deadlines and its errors."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from teacher_support import Reference, ThreadedServer, assert_logprobs_close, random_sequences
+
+from services.processes import free_port
+from services.protocol import ScoreSequence, ServerInfo
+from services.teacher_client import (
+    TeacherClient,
+    TeacherRequestError,
+    TeacherUnavailable,
+    split_batches,
+    verify_tokenizers,
+)
+from services.tokenizer_check import TokenizerMismatch
+from teacher_server.config import TeacherServerConfig
+from teacher_server.hf_engine import HFTeacherEngine
+
+
+@pytest.fixture(scope="module")
+def replicas(
+    hf_config: TeacherServerConfig, hf_engine: HFTeacherEngine
+) -> Iterator[list[ThreadedServer]]:
+    config = hf_config.model_copy(update={"cache_bytes": 0})
+    with ThreadedServer(config, hf_engine) as a, ThreadedServer(config, hf_engine) as b:
+        yield [a, b]
+
+
+def _requests_served(server: ThreadedServer) -> float:
+    prefix = 'rlad_teacher_requests_total{status="200"}'
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith(prefix):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_split_batches_respects_token_and_sequence_limits() -> None:
+    seqs = [ScoreSequence(token_ids=[1] * n) for n in (5, 5, 5, 12, 2, 2, 2)]
+    chunks = split_batches(seqs, max_tokens=10, max_sequences=2)
+    assert [[len(s.token_ids) for s in c] for c in chunks] == [[5, 5], [5], [12], [2, 2], [2]]
+    assert [s for c in chunks for s in c] == seqs
+
+
+def test_large_batch_is_split_balanced_and_returned_in_order(
+    replicas: list[ThreadedServer], reference: Reference
+) -> None:
+    sequences = random_sequences(40, seed=30)
+    before = [_requests_served(r) for r in replicas]
+
+    async def run() -> None:
+        async with TeacherClient([r.url for r in replicas], max_batch_sequences=4) as client:
+            response = await client.score(sequences)
+            for seq, scores in zip(sequences, response.scores, strict=True):
+                assert_logprobs_close(scores.logprobs, reference.logprobs(seq))
+            info = await client.info()
+            assert info.revision == response.revision
+
+    asyncio.run(run())
+    served = [_requests_served(r) - b for r, b in zip(replicas, before, strict=True)]
+    assert sum(served) == 10 and min(served) >= 2  # 10 chunks spread over both replicas
+
+
+def test_dead_replica_fails_over_and_opens_its_breaker(replicas: list[ThreadedServer]) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+
+    async def run() -> None:
+        async with TeacherClient([dead, replicas[0].url], health_interval_s=0) as client:
+            for i in range(6):
+                response = await client.score(random_sequences(2, seed=40 + i))
+                assert len(response.scores) == 2
+            state = {r.url: r for r in client.replicas}[dead]
+            assert state.failures >= 3 and state.open_until > time.monotonic()
+            assert "ConnectError" in state.last_failure
+
+    asyncio.run(run())
+
+
+def test_no_replica_answering_raises_naming_every_replica() -> None:
+    dead = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
+
+    async def run() -> None:
+        async with TeacherClient(dead, deadline_s=1.0, health_interval_s=0) as client:
+            began = time.monotonic()
+            with pytest.raises(TeacherUnavailable) as caught:
+                await client.score(random_sequences(1, seed=50))
+            assert time.monotonic() - began < 3.0  # bounded by the deadline, never hangs
+            for url in dead:
+                assert f"{url}: ConnectError" in str(caught.value)
+
+    asyncio.run(run())
+
+
+def test_slow_replica_is_bypassed_and_the_deadline_holds(
+    hf_config: TeacherServerConfig, hf_engine: HFTeacherEngine, replicas: list[ThreadedServer]
+) -> None:
+    slow_config = hf_config.model_copy(update={"inject_latency_ms": 2000.0})
+    with ThreadedServer(slow_config, hf_engine) as slow:
+
+        async def run() -> None:
+            urls = [slow.url, replicas[0].url]
+            async with TeacherClient(urls, request_timeout_s=0.3, health_interval_s=0) as client:
+                for i in range(3):
+                    assert (await client.score(random_sequences(1, seed=60 + i))).scores
+            async with TeacherClient([slow.url], deadline_s=1.0, health_interval_s=0) as client:
+                with pytest.raises(TeacherUnavailable, match="ReadTimeout"):
+                    await client.score(random_sequences(1, seed=63))
+
+        asyncio.run(run())
+
+
+def test_invalid_request_is_not_retried_and_says_why(replicas: list[ThreadedServer]) -> None:
+    async def run() -> None:
+        async with TeacherClient([r.url for r in replicas], health_interval_s=0) as client:
+            bad = [ScoreSequence(token_ids=[1, 2]), ScoreSequence(token_ids=[1, 500])]
+            with pytest.raises(TeacherRequestError) as caught:
+                await client.score(bad)
+            assert caught.value.status == 422
+            assert "sequences[1].token_ids[1] = 500" in str(caught.value)
+            assert all(r.failures == 0 for r in client.replicas)
+
+    asyncio.run(run())
+
+
+def test_api_key_is_sent_as_a_bearer_token(
+    replicas: list[ThreadedServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RLAD_API_KEY", "k3y")
+
+    async def run() -> None:
+        async with TeacherClient([replicas[0].url], health_interval_s=0) as client:  # from env
+            assert (await client.score(random_sequences(1, seed=70))).scores
+        async with TeacherClient([replicas[0].url], api_key="wrong", health_interval_s=0) as c:
+            with pytest.raises(TeacherRequestError, match="HTTP 401"):
+                await c.score(random_sequences(1, seed=70))
+
+    asyncio.run(run())
+
+
+def test_health_checks_take_a_replica_out_and_back_in(
+    hf_config: TeacherServerConfig, hf_engine: HFTeacherEngine
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+
+    async def wait_for(condition: object, what: str) -> None:
+        deadline = time.monotonic() + 10
+        while not condition():  # type: ignore[operator]
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.05)
+
+    async def run() -> None:
+        async with TeacherClient([url], health_interval_s=0.1, breaker_open_s=30) as client:
+            (replica,) = client.replicas
+            await wait_for(lambda: replica.down_by_health, "down replica not detected")
+            assert "health check" in replica.last_failure
+            with ThreadedServer(hf_config, hf_engine, port=port):
+                await wait_for(lambda: not replica.down_by_health, "replica not taken back")
+                assert (await client.score(random_sequences(1, seed=80))).scores
+
+    asyncio.run(run())
+
+
+class RenamedTokenizer:
+    """An engine whose published tokenizer fingerprint differs."""
+
+    def __init__(self, engine: HFTeacherEngine) -> None:
+        self.engine = engine
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.engine, name)
+
+    def info(self) -> ServerInfo:
+        return self.engine.info().model_copy(update={"tokenizer_fingerprint": "0" * 16})
+
+
+def test_verify_tokenizers_compares_both_servers(
+    replicas: list[ThreadedServer], hf_config: TeacherServerConfig, hf_engine: HFTeacherEngine
+) -> None:
+    async def run(student_url: str) -> ServerInfo:
+        async with TeacherClient([replicas[0].url], health_interval_s=0) as client:
+            return await verify_tokenizers(client, student_url)
+
+    assert asyncio.run(run(replicas[1].url)).role == "teacher"
+    renamed = RenamedTokenizer(hf_engine)
+    with (
+        ThreadedServer(hf_config, renamed) as other,  # type: ignore[arg-type]
+        pytest.raises(TokenizerMismatch, match="fingerprints"),
+    ):
+        asyncio.run(run(other.url))
