@@ -76,3 +76,14 @@ def full_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Tensor]:
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
     return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def local_grad_norm(engine: Any) -> float | None:
+    """L2 norm of the full gradients held on `param.grad` (ZeRO 0/1, before the step);
+    None when the gradients are partitioned away (ZeRO 2/3: DeepSpeed reports the norm)."""
+    grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    return float(
+        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    )

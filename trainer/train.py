@@ -30,7 +30,7 @@ from services.run_config import RunConfig
 from trainer import checkpoint
 from trainer.advantages import group_advantages
 from trainer.batch import MicroBatch, collate, empty_batch, flatten, pack
-from trainer.engine import create_engine, full_state_dict, init_distributed
+from trainer.engine import create_engine, full_state_dict, init_distributed, local_grad_norm
 from trainer.logprobs import sequence_logprobs
 from trainer.loss import LossInputs, policy_loss
 from trainer.metrics_sink import MetricsSink
@@ -60,7 +60,7 @@ class Trainer:
         self.consumer = f"trainer-{self.rank}"
         torch.manual_seed(self.config.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(run.student)
-        model = AutoModelForCausalLM.from_pretrained(run.student, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(run.student, dtype=torch.float32)
         self.ref_model = None
         if self.algorithm.kl_beta > 0:  # β = 0 (default): no reference model is loaded
             self.ref_model = AutoModelForCausalLM.from_pretrained(run.student).eval()
@@ -169,10 +169,12 @@ class Trainer:
             loss, loss_metrics = self.forward_loss(batch, total_tokens, total_sequences)
             self.engine.backward(loss, scale_wrt_gas=False)
             means.add(loss_metrics, weight=batch.num_tokens)
+        norm_before_step = local_grad_norm(self.engine)
         self.engine.step()
         self.progress.step += 1
         metrics.update(means.result(self.world))
-        metrics["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        reported = self.engine.get_global_grad_norm()
+        metrics["grad_norm"] = float(reported if reported is not None else norm_before_step or 0.0)
         metrics["lr"] = float(self.engine.get_lr()[0])
         elapsed = time.perf_counter() - started
         metrics["step_time_s"] = elapsed

@@ -16,35 +16,10 @@ import redis
 import yaml
 
 from services.processes import ManagedProcess, free_port
-from services.protocol import CompletionRecord, RolloutGroup
 from services.queue import SCORED, GroupQueue
+from tests.integration.groups import scored_group
 
 pytestmark = pytest.mark.slow
-
-
-def scored_group(index: int, rng: random.Random) -> RolloutGroup:
-    prompt = [rng.randrange(2, 90) for _ in range(6)]
-    completions = []
-    for j in range(4):
-        n = rng.randrange(3, 9)
-        completions.append(
-            CompletionRecord(
-                token_ids=[rng.randrange(2, 90) for _ in range(n)],
-                rollout_logprobs=[-4.5] * n,
-                teacher_logprobs=[-3.0 - 0.1 * k for k in range(n)],
-                reward=float(j % 2),
-                correct=bool(j % 2),
-                finish_reason="stop",
-            )
-        )
-    return RolloutGroup(
-        group_id=f"group-{index}",
-        prompt_id=f"p{index}",
-        task="synthetic",
-        policy_version=0,
-        prompt_token_ids=prompt,
-        completions=completions,
-    )
 
 
 def write_config(folder: Path, student: Path, **trainer: object) -> Path:
