@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from services.rollout_client import RolloutClient
 
 from rollout_server.weights import make_probe
 from services.protocol import RolloutGroup
 from services.queue import SCORED, TRAINER_STATE, Delivery, GroupQueue
+from services.rollout_client import RolloutClient
 from services.run_config import RunConfig
 from trainer import checkpoint
 from trainer.advantages import group_advantages

@@ -13,11 +13,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-from teacher_support import RLAD, Reference, assert_logprobs_close, random_sequences, start_teacher
 
 from services.processes import ManagedProcess
 from services.protocol import ScoreResponse
 from services.teacher_client import TeacherClient
+from tests.teacher_support import (
+    RLAD,
+    Reference,
+    assert_logprobs_close,
+    random_sequences,
+    start_teacher,
+)
 
 pytestmark = pytest.mark.slow  # two server start-ups and a fail-over run: about a minute
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from teacher_support import Reference, assert_logprobs_close, random_sequences, start_teacher
 
 from services import wire
 from services.processes import ManagedProcess
 from services.protocol import ScoreRequest, ScoreResponse, ScoreSequence
 from teacher_server.config import TeacherServerConfig
 from teacher_server.hf_engine import HFTeacherEngine
+from tests.teacher_support import Reference, assert_logprobs_close, random_sequences, start_teacher
 
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
