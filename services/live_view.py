@@ -13,15 +13,18 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from services.queue import DEAD, ROLLOUTS, SCORED, STATS
+from services.queue import DEAD, ROLLOUTS, SCORED, GroupQueue
 from services.run_config import RunConfig
 from trainer.metrics_sink import read_metrics
 
 
 class LiveView:
-    def __init__(self, run: RunConfig, client: redis.Redis, metrics_path: Path, enabled: bool) -> None:
+    def __init__(
+        self, run: RunConfig, client: redis.Redis, metrics_path: Path, enabled: bool
+    ) -> None:
         self.run = run
         self.redis = client
+        self.queue = GroupQueue(client)
         self.metrics_path = metrics_path
         self.console = Console(stderr=True)
         self.enabled = enabled and self.console.is_terminal
@@ -51,7 +54,7 @@ class LiveView:
     def snapshot(self) -> dict[str, Any]:
         rows = read_metrics(self.metrics_path)
         last = rows[-1] if rows else {}
-        stats = {k.decode(): int(v) for k, v in self.redis.hgetall(STATS).items()}
+        stats = self.queue.stats()
         depths = {name: int(self.redis.xlen(name)) for name in (ROLLOUTS, SCORED, DEAD)}
         return {"last": last, "first": rows[0] if rows else {}, "stats": stats, "depths": depths}
 
@@ -69,8 +72,12 @@ class LiveView:
                 "reward", f"{last['reward_mean']:+.3f}  (step 1: {first['reward_mean']:+.3f})"
             )
             if "accuracy" in last:
-                table.add_row("accuracy", f"{last['accuracy']:.2f}  (step 1: {first['accuracy']:.2f})")
-            table.add_row("staleness", f"mean {last['staleness_mean']:.2f}, max {last['staleness_max']:.0f}")
+                table.add_row(
+                    "accuracy", f"{last['accuracy']:.2f}  (step 1: {first['accuracy']:.2f})"
+                )
+            table.add_row(
+                "staleness", f"mean {last['staleness_mean']:.2f}, max {last['staleness_max']:.0f}"
+            )
             table.add_row("tokens/s", f"{last['tokens_per_s']:.0f}")
         table.add_row(
             "queues",
@@ -78,7 +85,9 @@ class LiveView:
         )
         table.add_row(
             "groups",
-            "  ".join(f"{k} {stats.get(k, 0)}" for k in ("produced", "scored", "trained", "stale", "dead")),
+            "  ".join(
+                f"{k} {stats.get(k, 0)}" for k in ("produced", "scored", "trained", "stale", "dead")
+            ),
         )
         return table
 

@@ -166,7 +166,7 @@ class GroupQueue:
             )
             entries = list(claimed)
         if not entries:
-            reply = self.redis.xreadgroup(
+            reply: Any = self.redis.xreadgroup(
                 group, consumer, {stream: ">"}, count=count, block=block_ms
             )
             entries = reply[0][1] if reply else []
@@ -207,7 +207,7 @@ class GroupQueue:
         if not message_ids:
             return []
         group = CONSUMER_GROUPS[stream]
-        entries = self.redis.xclaim(stream, group, consumer, 0, message_ids)
+        entries: Any = self.redis.xclaim(stream, group, consumer, 0, list[Any](message_ids))
         return [self._delivery(stream, group, entry) for entry in entries if entry]
 
     def ack(self, stream: str, message_ids: list[str], counter: str | None = None) -> int:
@@ -223,8 +223,8 @@ class GroupQueue:
         return acked
 
     def dead_letter(self, stream: str, message_id: str, reason: str) -> None:
-        entries = self.redis.xrange(stream, message_id, message_id)
-        payload = entries[0][1].get(b"data", b"") if entries else b""
+        entries: Any = self.redis.xrange(stream, message_id, message_id)
+        payload = (entries[0][1] or {}).get(b"data", b"") if entries else b""
         pipe = self.redis.pipeline(transaction=True)
         pipe.xadd(DEAD, {"data": payload, "source": stream, "id": message_id, "reason": reason})
         pipe.xack(stream, CONSUMER_GROUPS[stream], message_id)

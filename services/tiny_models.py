@@ -49,9 +49,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_model(
-    config: TinyModelConfig, tokenizer: PreTrainedTokenizerFast
-) -> Qwen2ForCausalLM:
+def build_model(config: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> Qwen2ForCausalLM:
     torch.manual_seed(config.seed)
     hf_config = Qwen2Config(
         vocab_size=VOCAB_SIZE,
@@ -65,7 +63,6 @@ def build_model(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.eos_token_id,
-        torch_dtype="float32",
     )
     model = Qwen2ForCausalLM(hf_config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -26,7 +26,7 @@ import redis
 from services.live_view import LiveView
 from services.plots import plot_curves
 from services.processes import ManagedProcess, free_port
-from services.queue import ROLLOUTS, SCORED, STATS, embedded_url, start_embedded_redis
+from services.queue import ROLLOUTS, SCORED, GroupQueue, embedded_url, start_embedded_redis
 from services.run_config import RunConfig, dump_run_config
 from trainer.metrics_sink import read_metrics
 
@@ -160,7 +160,7 @@ def pipeline(run: RunConfig, resume: bool = False) -> Iterator[Pipeline]:
 
 def queue_accounts(client: redis.Redis) -> dict[str, int]:
     """Counters plus what is still in the streams: produced = trained + stale + dead + in queue."""
-    accounts = {k.decode(): int(v) for k, v in client.hgetall(STATS).items()}
+    accounts = GroupQueue(client).stats()
     accounts["in_rollouts"] = int(client.xlen(ROLLOUTS))
     accounts["in_scored"] = int(client.xlen(SCORED))
     return accounts
