@@ -54,7 +54,9 @@ class ServerInfo(WireModel):
 
 
 class ScoreSequence(WireModel):
-    token_ids: list[int] = Field(description="Full sequence (prompt + completion) as token ids.")
+    token_ids: list[int] = Field(
+        min_length=2, description="Full sequence (prompt + completion) as token ids."
+    )
     start: int = Field(
         default=1,
         ge=1,

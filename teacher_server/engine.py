@@ -13,8 +13,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-import numpy as np
-
 from services.protocol import ScoreRequest, ScoreResponse, ScoreSequence, SequenceScores, ServerInfo
 from services.serving import ApiError
 from teacher_server.config import TeacherServerConfig
@@ -97,19 +95,20 @@ def validate_request(request: ScoreRequest, info: ServerInfo, config: TeacherSer
                 f"{info.max_model_len}",
                 detail=[{"loc": ["sequences", str(index), "token_ids"], "msg": "too long"}],
             )
-        ids = np.asarray(seq.token_ids, dtype=np.int64)
-        outside = np.flatnonzero((ids < 0) | (ids >= info.vocab_size))
-        if outside.size:
-            pos = int(outside[0])
-            raise ApiError(
-                422,
-                "invalid_request",
-                f"sequences[{index}].token_ids[{pos}] = {int(ids[pos])} is outside the "
-                f"vocabulary (0..{info.vocab_size - 1}); {outside.size} such ids in this sequence",
-                detail=[
-                    {"loc": ["sequences", str(index), "token_ids", str(pos)], "msg": "not in vocab"}
-                ],
-            )
+        ids = seq.token_ids
+        if ids and min(ids) >= 0 and max(ids) < info.vocab_size:
+            continue
+        outside = [pos for pos, token in enumerate(ids) if not 0 <= token < info.vocab_size]
+        pos = outside[0]
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"sequences[{index}].token_ids[{pos}] = {ids[pos]} is outside the vocabulary "
+            f"(0..{info.vocab_size - 1}); {len(outside)} such ids in this sequence",
+            detail=[
+                {"loc": ["sequences", str(index), "token_ids", str(pos)], "msg": "not in vocab"}
+            ],
+        )
 
 
 def load_engine(config: TeacherServerConfig) -> EngineBase:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from teacher_support import Reference
 
 from teacher_server.config import TeacherServerConfig
 from teacher_server.hf_engine import HFTeacherEngine
+from tests.teacher_support import Reference
 
 
 @pytest.fixture(scope="session")

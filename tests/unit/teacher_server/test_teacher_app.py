@@ -10,12 +10,12 @@ from collections.abc import Iterator, Sequence
 import httpx
 import msgpack
 import pytest
-from teacher_support import Reference, ThreadedServer, assert_logprobs_close, random_sequences
 
 from services import wire
 from services.protocol import ScoreRequest, ScoreResponse, ScoreSequence, SequenceScores
 from teacher_server.config import TeacherServerConfig
 from teacher_server.hf_engine import HFTeacherEngine
+from tests.teacher_support import Reference, ThreadedServer, assert_logprobs_close, random_sequences
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ BAD_INPUTS = [
     (b"sequences", "text/plain", 415, "application/json"),
     (b'{"sequences": []}', wire.JSON, 422, "sequences"),
     (b'{"sequences": [{"token_ids": [1, 2]}, {"token_ids": []}]}', wire.JSON, 422, "sequences.1"),
-    (b'{"sequences": [{"token_ids": [5]}]}', wire.JSON, 422, "start=1 is out of range"),
+    (b'{"sequences": [{"token_ids": [5]}]}', wire.JSON, 422, "at least 2 items"),
     (b'{"sequences": [{"token_ids": [1, 2, 3], "start": 3}]}', wire.JSON, 422, "sequences.0"),
     (b'{"sequences": [{"token_ids": [1, 2], "start": 0}]}', wire.JSON, 422, "sequences.0.start"),
     (b'{"sequences": [{"token_ids": [1, 2, 999]}]}', wire.JSON, 422, "sequences[0].token_ids[2]"),

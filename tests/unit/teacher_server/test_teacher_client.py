@@ -9,7 +9,6 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from teacher_support import Reference, ThreadedServer, assert_logprobs_close, random_sequences
 
 from services.processes import free_port
 from services.protocol import ScoreSequence, ServerInfo
@@ -23,6 +22,7 @@ from services.teacher_client import (
 from services.tokenizer_check import TokenizerMismatch
 from teacher_server.config import TeacherServerConfig
 from teacher_server.hf_engine import HFTeacherEngine
+from tests.teacher_support import Reference, ThreadedServer, assert_logprobs_close, random_sequences
 
 
 @pytest.fixture(scope="module")

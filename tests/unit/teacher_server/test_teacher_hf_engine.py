@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from teacher_support import Reference, assert_logprobs_close, random_sequences
 
 from services.protocol import ScoreRequest, ScoreSequence
 from services.serving import ApiError
@@ -16,6 +15,7 @@ from teacher_server.config import TeacherServerConfig
 from teacher_server.engine import validate_request
 from teacher_server.hf_engine import HFTeacherEngine, plan_micro_batches
 from teacher_server.model_files import weights_revision
+from tests.teacher_support import Reference, assert_logprobs_close, random_sequences
 
 
 def test_logprobs_equal_a_plain_forward_pass(
