@@ -5,12 +5,14 @@
     clamp and the anchor clamp) and KDRL, interleaved in the same run. Time is the
     process's CPU time with one intra-op thread, so that other work on a shared machine
     does not enter the figures; the best of `--repeats` runs is compared.
-(b) Peak memory beyond the logits while computing per-token logprobs from [rows, vocab]
-    logits: `trainer.logprobs.selective_log_softmax` vs `log_softmax(...).gather(...)`,
-    with autograd on (the trainer's case: what is kept for backward counts) and off (the
-    servers' case). Each variant runs in a fresh process and reads its peak RSS.
+(b) Peak live tensor memory beyond the logits while computing per-token logprobs from
+    [rows, vocab] logits: `trainer.logprobs.selective_log_softmax` vs
+    `log_softmax(...).gather(...)`; forward with autograd on (the trainer's case: what is
+    kept for backward counts, the headline), without autograd (the servers' case), and
+    forward + backward. Measured from the profiler's allocation records, so that the
+    allocator's caching and fragmentation do not enter the figures.
 
-Run: `python bench/loss.py` (about a minute; needs ~2 GiB of free memory for (b)).
+Run: `python bench/loss.py` (about a minute; needs ~3 GiB of free memory for (b)).
 The last two lines are `selective_logprob_peak_mem_ratio: <x>` (target <= 0.25) and
 `trrd_vs_grpo_loss_time_ratio: <x>` (target <= 1.10).
 """
@@ -18,12 +20,15 @@ The last two lines are `selective_logprob_peak_mem_ratio: <x>` (target <= 0.25) 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
+import json
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from trainer.advantages import group_advantages
 from trainer.algorithm import AlgorithmConfig
@@ -32,6 +37,11 @@ from trainer.loss import LossInputs, policy_loss
 
 GROUP_SIZE = 8
 WARMUP = 3
+PHASES = {
+    "forward": "autograd on: what the trainer holds until backward; the headline",
+    "no grad": "the servers' scoring",
+    "forward+backward": "both include the logits' own gradient",
+}
 
 
 def realistic_batch(batch: int, time_steps: int, seed: int) -> dict[str, torch.Tensor]:
@@ -92,38 +102,51 @@ def time_interleaved(steps: dict[str, Callable[[], None]], repeats: int) -> dict
     return times
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith(field))
-    return int(line.split()[1])
+def naive_log_softmax(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
 
-def peak_extra_mib(method: str, rows: int, vocab: int, grad: bool) -> float:
-    """Runs in a fresh process: peak resident memory above the logits and token ids."""
-    torch.set_num_threads(1)
+def peak_extra_mib(run: Callable[[], object]) -> float:
+    """Peak of live tensor memory above what was allocated before `run` (the CPU analogue
+    of torch.cuda.max_memory_allocated), from the profiler's allocation records."""
+    with tempfile.TemporaryDirectory() as folder:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+            run()
+        trace = Path(folder) / "trace.json"
+        profiler.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    records = [e["args"] for e in events if e.get("name") == "[memory]"]
+    if not records:
+        return 0.0
+    before = records[0]["Total Allocated"] - records[0]["Bytes"]
+    return (max(r["Total Allocated"] for r in records) - before) / 2**20
+
+
+def measure_memory(rows: int, vocab: int) -> dict[tuple[str, str], float]:
     gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(rows, vocab, generator=gen).requires_grad_(grad)
+    logits = torch.randn(rows, vocab, generator=gen).requires_grad_(True)
     ids = torch.randint(0, vocab, (rows,), generator=gen)
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # resets the peak-RSS watermark (VmHWM) to the current RSS
-    baseline = _rss_kib("VmRSS:")
-    with torch.set_grad_enabled(grad):
-        if method == "selective":
-            out = selective_log_softmax(logits, ids)
-        else:
-            out = torch.log_softmax(logits, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    assert out.shape == (rows,)
-    return (_rss_kib("VmHWM:") - baseline) / 1024
-
-
-def measure_memory(rows: int, vocab: int) -> dict[tuple[str, bool], float]:
-    context = multiprocessing.get_context("spawn")
+    weights = torch.randn(rows, generator=gen)
+    methods: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+        "naive": naive_log_softmax,
+        "selective": selective_log_softmax,
+    }
     results = {}
-    with context.Pool(1, maxtasksperchild=1) as pool:
-        for grad in (True, False):
-            for method in ("naive", "selective"):
-                args = (method, rows, vocab, grad)
-                results[(method, grad)] = pool.apply(peak_extra_mib, args)
+    for name, method in methods.items():
+
+        def forward(method: Callable[..., torch.Tensor] = method) -> None:
+            method(logits, ids)
+
+        def no_grad(method: Callable[..., torch.Tensor] = method) -> None:
+            with torch.no_grad():
+                method(logits, ids)
+
+        def train(method: Callable[..., torch.Tensor] = method) -> None:
+            (method(logits, ids) * weights).sum().backward()
+            logits.grad = None
+
+        for phase, run in (("forward", forward), ("no grad", no_grad), ("forward+backward", train)):
+            results[(name, phase)] = peak_extra_mib(run)
     return results
 
 
@@ -165,17 +188,16 @@ def main() -> None:
     logits_mib = args.mem_rows * args.vocab * 4 / 2**20
     print(
         f"(b) logprobs of {args.mem_rows} positions over a {args.vocab} vocabulary "
-        f"(logits {logits_mib:.0f} MiB fp32): peak MiB beyond the logits"
+        f"(logits {logits_mib:.0f} MiB fp32): peak live MiB beyond the logits"
     )
-    for grad in (True, False):
-        naive, selective = memory[("naive", grad)], memory[("selective", grad)]
-        mode = "autograd on " if grad else "autograd off"
+    for phase, note in PHASES.items():
+        naive, selective = memory[("naive", phase)], memory[("selective", phase)]
         print(
-            f"    {mode}  naive {naive:8.1f}  selective {selective:8.1f}  "
-            f"ratio {selective / naive:.3f}"
+            f"    {phase:17s} naive {naive:7.1f}  selective {selective:7.1f}  "
+            f"ratio {selective / naive:.3f}  ({note})"
         )
 
-    mem_ratio = memory[("selective", True)] / memory[("naive", True)]
+    mem_ratio = memory[("selective", "forward")] / memory[("naive", "forward")]
     print(f"selective_logprob_peak_mem_ratio: {mem_ratio:.3f}")
     print(f"trrd_vs_grpo_loss_time_ratio: {best['trrd'] / best['grpo']:.3f}")
 

@@ -2,15 +2,19 @@
 
 `log p(y) = logit[y] - logsumexp(logits)`: the gather and the logsumexp only need one
 slice of rows at a time, so memory beyond the logits is one fp32 chunk of about
-`chunk_elements` values rather than a full log-softmax tensor (and, under autograd, nothing
-of vocab size is kept for backward). Used by the trainer and by the transformers backends
-of both servers, so that all three compute logprobs the same way. `bench/loss.py` measures
-the peak memory against the plain `log_softmax(...).gather(...)`.
+`chunk_elements` values rather than a full log-softmax tensor. Under autograd only the
+per-row logsumexp is kept; backward recomputes each chunk's softmax and writes
+`(onehot(y) − softmax) / temperature` straight into the logits' gradient, in time linear
+in the number of chunks (autograd through per-chunk slices would materialise a full-size
+zero gradient per chunk). Used by the trainer and by the transformers backends of both
+servers, so that all three compute logprobs the same way. `bench/loss.py` measures the
+peak memory against the plain `log_softmax(...).gather(...)`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,28 +25,50 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 22
 
 
 def _row_chunks(
-    logits: torch.Tensor,  # [..., vocab]
+    flat_logits: torch.Tensor,  # [rows, vocab]
     temperature: float,
     chunk_elements: int,
-) -> Iterator[tuple[slice, torch.Tensor]]:  # (row range, fp32 [rows, vocab] / temperature)
-    # A view for contiguous logits; slicing rows of the view copies nothing either.
-    flat = logits.reshape(-1, logits.shape[-1])
-    step = max(1, chunk_elements // max(1, logits.shape[-1]))
-    for start in range(0, flat.shape[0], step):
-        rows = flat[start : start + step].float()
+) -> Iterator[tuple[slice, torch.Tensor]]:  # (row range, fp32 [chunk rows, vocab] / T)
+    step = max(1, chunk_elements // max(1, flat_logits.shape[-1]))
+    for start in range(0, flat_logits.shape[0], step):
+        rows = flat_logits[start : start + step].float()
         yield slice(start, start + step), rows if temperature == 1.0 else rows / temperature
 
 
-def _chunked(
-    per_row: Callable[[slice, torch.Tensor], torch.Tensor],
-    logits: torch.Tensor,
-    temperature: float,
-    chunk_elements: int,
-) -> torch.Tensor:  # [...] float32
-    out = [per_row(rows, chunk) for rows, chunk in _row_chunks(logits, temperature, chunk_elements)]
-    if not out:
-        return logits.new_zeros(logits.shape[:-1], dtype=torch.float32)
-    return torch.cat(out).reshape(logits.shape[:-1])
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        logits: torch.Tensor,  # [..., vocab]
+        token_ids: torch.Tensor,  # [...]
+        temperature: float,
+        chunk_elements: int,
+    ) -> torch.Tensor:  # [...] float32
+        flat = logits.reshape(-1, logits.shape[-1])  # a view for contiguous logits
+        flat_ids = token_ids.reshape(-1, 1)
+        picked = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+        log_normalizer = torch.empty_like(picked)  # logsumexp of each row
+        for rows, chunk in _row_chunks(flat, temperature, chunk_elements):
+            torch.logsumexp(chunk, dim=-1, out=log_normalizer[rows])
+            picked[rows] = chunk.gather(-1, flat_ids[rows]).squeeze(-1)
+        ctx.save_for_backward(logits, token_ids, log_normalizer)
+        ctx.temperature, ctx.chunk_elements = temperature, chunk_elements
+        return picked.sub_(log_normalizer).reshape(token_ids.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> Any:
+        logits, token_ids, log_normalizer = ctx.saved_tensors
+        flat = logits.reshape(-1, logits.shape[-1])
+        flat_ids = token_ids.reshape(-1, 1)
+        flat_grad = grad_output.reshape(-1, 1).float()
+        grad_logits = torch.empty_like(flat)
+        for rows, chunk in _row_chunks(flat, ctx.temperature, ctx.chunk_elements):
+            # d log p(y) / d logit_j = (1[j = y] − softmax_j) / temperature. `chunk` may be a
+            # view of the logits themselves: the first op must not be in place.
+            grad = (chunk - log_normalizer[rows].unsqueeze(1)).exp_().mul_(-flat_grad[rows])
+            grad.scatter_add_(-1, flat_ids[rows], flat_grad[rows])
+            grad_logits[rows] = grad if ctx.temperature == 1.0 else grad / ctx.temperature
+        return grad_logits.reshape(logits.shape), None, None, None
 
 
 def selective_log_softmax(
@@ -52,13 +78,7 @@ def selective_log_softmax(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> torch.Tensor:  # [...] float32
     """`log_softmax(logits / temperature)[..., token_ids]`, computed chunk by chunk in fp32."""
-    flat_ids = token_ids.reshape(-1)
-
-    def picked_logprobs(rows: slice, chunk: torch.Tensor) -> torch.Tensor:
-        picked = chunk.gather(-1, flat_ids[rows].unsqueeze(-1)).squeeze(-1)
-        return picked - torch.logsumexp(chunk, dim=-1)
-
-    return _chunked(picked_logprobs, logits, temperature, chunk_elements)
+    return _SelectiveLogSoftmax.apply(logits, token_ids, temperature, chunk_elements)
 
 
 def selective_entropy(
@@ -67,13 +87,13 @@ def selective_entropy(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> torch.Tensor:  # [...] float32, no grad
     """Entropy of each position's distribution, chunked like `selective_log_softmax`."""
-
-    def entropy(rows: slice, chunk: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(chunk, dim=-1)
-        return -(logp.exp() * logp).sum(-1)
-
+    flat = logits.detach().reshape(-1, logits.shape[-1])
+    entropy = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
     with torch.no_grad():
-        return _chunked(entropy, logits.detach(), temperature, chunk_elements)
+        for rows, chunk in _row_chunks(flat, temperature, chunk_elements):
+            logp = torch.log_softmax(chunk, dim=-1)
+            entropy[rows] = -(logp.exp() * logp).sum(-1)
+    return entropy.reshape(logits.shape[:-1])
 
 
 def sequence_logprobs(
