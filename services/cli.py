@@ -27,6 +27,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("serve-rollout", "serve_rollout"),
     ("serve-teacher", "serve_teacher"),
     ("score", "score"),
+    ("monitor", "monitor"),
 ]
 
 for _name, _module in COMMANDS:

@@ -1,0 +1,221 @@
+"""docker-compose.yml, parsed and checked (no Docker engine runs here): healthchecks, pinned
+images, health-gated dependencies, volumes and GPU reservations where they belong, every
+variable documented in .env.example with the same default, keys only as secrets, and every
+`rlad` flag a compose command passes accepted by the real CLI."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+import yaml
+
+from services.cli import app
+from services.run_config import RunConfig
+
+ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT / "docker"))
+from render_config import placeholders, render  # noqa: E402
+
+COMPOSE_TEXT = (ROOT / "docker-compose.yml").read_text()
+COMPOSE: dict[str, Any] = yaml.safe_load(COMPOSE_TEXT)
+SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
+GPU_TEMPLATE = (ROOT / "docker/config/gpu.yaml").read_text()
+VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+GPU_SERVICES = {"teacher", "rollout", "trainer"}
+ALWAYS_ON = {"redis", "monitor", "prometheus", "grafana"}
+ONE_SHOT = {name for name, svc in SERVICES.items() if svc.get("restart") == "no"}
+
+
+def env_example() -> dict[str, str]:
+    values = {}
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        match = re.match(r"^([A-Z_][A-Z0-9_]*)=(.*)$", line)
+        if match:
+            values[match.group(1)] = match.group(2)
+    return values
+
+
+def dependencies(svc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    deps = svc.get("depends_on", {})
+    assert isinstance(deps, dict), "depends_on must be a mapping with a condition"
+    return deps
+
+
+def test_every_long_running_service_has_a_healthcheck() -> None:
+    assert {"bootstrap"} == ONE_SHOT
+    for name, svc in SERVICES.items():
+        if name in ONE_SHOT:
+            continue
+        check = svc.get("healthcheck")
+        assert check and not check.get("disable"), f"{name} has no healthcheck"
+        assert check["test"][0] in ("CMD", "CMD-SHELL") and len(check["test"]) > 1, name
+        assert check.get("interval") and check.get("retries"), name
+
+
+def test_images_are_pinned_or_built_from_the_repository() -> None:
+    for name, svc in SERVICES.items():
+        image = svc.get("image", "")
+        repository, _, tag = image.rpartition(":")
+        assert repository and tag and tag != "latest" and re.search(r"\d", tag), (name, image)
+        build = svc.get("build")
+        if build is None:
+            continue
+        dockerfile = ROOT / build["context"] / build["dockerfile"]
+        assert dockerfile.is_file(), name
+        if "target" in build:
+            assert re.search(rf"^FROM .+ AS {build['target']}$", dockerfile.read_text(), re.M)
+
+
+def test_dependencies_wait_for_health() -> None:
+    for name, svc in SERVICES.items():
+        for dep, spec in dependencies(svc).items():
+            assert dep in SERVICES, f"{name} depends on unknown {dep}"
+            if dep in ONE_SHOT:
+                assert spec["condition"] == "service_completed_successfully", (name, dep)
+                continue
+            assert spec["condition"] == "service_healthy", (name, dep)
+            assert "healthcheck" in SERVICES[dep], dep
+            # Only the local teacher may be absent: remote teachers replace it.
+            assert spec.get("required", True) or dep == "teacher", (name, dep)
+    assert dependencies(SERVICES["scorer"])["teacher"]["required"] is False
+    for worker in ("scorer", "rollout-worker", "trainer"):
+        assert {"redis", "rollout"} <= set(dependencies(SERVICES[worker])), worker
+        assert {"redis", "rollout-cpu"} <= set(dependencies(SERVICES[f"{worker}-cpu"])), worker
+
+
+def gpu_devices(svc: dict[str, Any]) -> list[dict[str, Any]]:
+    return svc.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+
+
+def test_gpu_reservations_only_where_gpus_run() -> None:
+    reserving = {name for name, svc in SERVICES.items() if gpu_devices(svc)}
+    assert reserving == GPU_SERVICES
+    for name in GPU_SERVICES:
+        (device,) = gpu_devices(SERVICES[name])
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+        # `count` cannot come from a variable (compose accepts only 'all' there); ids can.
+        (ids,) = device["device_ids"]
+        assert VARIABLE.fullmatch(ids), name
+        assert SERVICES[name]["image"].startswith("rlad-gpu:")
+
+
+def test_volumes_are_where_they_belong() -> None:
+    declared = set(COMPOSE["volumes"])
+    redis_service = SERVICES["redis"]
+    assert "redis-data:/data" in redis_service["volumes"]
+    assert redis_service["command"][redis_service["command"].index("--appendonly") + 1] == "yes"
+    needs_data = GPU_SERVICES | {n for n, s in SERVICES.items() if "cpu" in s.get("profiles", [])}
+    needs_data |= {"scorer", "rollout-worker"}  # tokenizers and run files on the shared volume
+    for name, svc in SERVICES.items():
+        mounts = svc.get("volumes", [])
+        assert ("rlad-data:/data" in mounts) == (name in needs_data), name
+        for mount in mounts:
+            source = mount.split(":")[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), (name, source)
+            else:
+                assert source in declared, (name, source)
+    provisioning = yaml.safe_load(
+        (ROOT / "docker/grafana/provisioning/dashboards/rlad.yml").read_text()
+    )
+    dashboards_path = provisioning["providers"][0]["options"]["path"]
+    assert f"./docker/grafana/dashboards:{dashboards_path}:ro" in SERVICES["grafana"]["volumes"]
+    prometheus = yaml.safe_load((ROOT / "docker/prometheus/prometheus.yml").read_text())
+    for rule_file in prometheus["rule_files"]:
+        assert (ROOT / "docker/prometheus" / Path(rule_file).name).is_file()
+
+
+def test_every_variable_is_documented_with_the_same_default() -> None:
+    documented = env_example()
+    used = {m.group(1): m.group(2) for m in VARIABLE.finditer(COMPOSE_TEXT)}
+    secrets = {s["environment"] for s in COMPOSE["secrets"].values()}
+    for name in set(used) | placeholders(GPU_TEMPLATE) | secrets | {"COMPOSE_PROFILES"}:
+        assert name in documented, f"{name} is used but not in .env.example"
+    for name, default in used.items():
+        if default is not None:
+            assert documented[name] == default, f"{name}: compose {default!r}, .env.example"
+    for match in VARIABLE.finditer(GPU_TEMPLATE):
+        if match.group(2) is not None:
+            assert documented[match.group(1)] == match.group(2), match.group(1)
+
+
+def test_keys_are_secrets_never_environment() -> None:
+    assert COMPOSE["secrets"]["rlad_api_key"] == {"environment": "RLAD_API_KEY"}
+    for name, svc in SERVICES.items():
+        for key, value in svc.get("environment", {}).items():
+            if re.search(r"API_KEY|PASSWORD|SECRET|HF_TOKEN", key):
+                # Only a pointer to a mounted secret file (Grafana's `__FILE` convention).
+                assert key.endswith("__FILE") and value.startswith("/run/secrets/"), (name, key)
+        if name not in ALWAYS_ON:  # every pipeline process talks to an authenticated server
+            assert (name in ONE_SHOT) != ("rlad_api_key" in svc.get("secrets", [])), name
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".env" in ignored and "secrets" in ignored
+
+
+def test_profiles_select_gpu_cpu_and_the_local_teacher() -> None:
+    for name, svc in SERVICES.items():
+        profiles = svc.get("profiles", [])
+        assert (name in ALWAYS_ON) == (not profiles), name
+        assert len(profiles) <= 1, name
+    assert SERVICES["teacher"]["profiles"] == ["teacher"]
+    assert (
+        SERVICES["scorer"]["environment"]["TEACHER_URLS"] == "${TEACHER_URLS:-http://teacher:8000}"
+    )
+    # The CPU servers answer to the same names, so scorer URLs and Prometheus jobs are shared.
+    assert SERVICES["teacher-cpu"]["networks"]["default"]["aliases"] == ["teacher"]
+    assert SERVICES["rollout-cpu"]["networks"]["default"]["aliases"] == ["rollout"]
+    # Scaling: no fixed container name, and one host port per replica from a range.
+    assert not any("container_name" in svc for svc in SERVICES.values())
+    (ports,) = SERVICES["teacher"]["ports"]
+    assert ports.endswith(":${TEACHER_HOST_PORTS:-8000-8007}:8000")
+
+
+def cli_options() -> dict[str, set[str]]:
+    group = typer.main.get_command(app)
+    return {
+        name: {opt for param in command.params for opt in param.opts}
+        for name, command in group.commands.items()  # type: ignore[attr-defined]
+    }
+
+
+def rlad_argv(command: list[str]) -> list[str] | None:
+    if command[:2] == ["sh", "-c"]:  # `test ... || rlad ...`
+        command = shlex.split(command[2].rpartition("||")[2])
+    if command[0] == "rlad":
+        return command[1:]
+    if command[0] == "torchrun":
+        return command[command.index("services.cli") + 1 :]
+    return None
+
+
+def test_compose_commands_use_real_cli_options() -> None:
+    options = cli_options()
+    for name, svc in SERVICES.items():
+        argv = rlad_argv(svc.get("command", ["-"]))
+        if argv is None:
+            continue
+        subcommand, *args = argv
+        assert subcommand in options, (name, subcommand)
+        for arg in args:
+            if arg.startswith("--"):
+                assert arg in options[subcommand], f"{name}: rlad {subcommand} has no {arg}"
+        config = next((args[i + 1] for i, a in enumerate(args) if a == "--config"), None)
+        if config and config.startswith("/opt/rlad/"):
+            assert (ROOT / config.removeprefix("/opt/rlad/")).is_file(), (name, config)
+
+
+def test_gpu_template_renders_to_a_valid_run_config() -> None:
+    defaults = RunConfig.model_validate(yaml.safe_load(render(GPU_TEMPLATE, env_example())))
+    assert defaults.student == "Qwen/Qwen3-1.7B" and defaults.algorithm.name == "trrd"
+    assert str(defaults.run_dir) == "/data/runs"
+    chosen = render(GPU_TEMPLATE, {"STUDENT_MODEL": "org/small", "TRAIN_STEPS": "7"})
+    config = RunConfig.model_validate(yaml.safe_load(chosen))
+    assert (config.student, config.trainer.steps) == ("org/small", 7)
+    with pytest.raises(ValueError, match="NEEDED"):
+        render("student: ${NEEDED}\nteacher: ${ALSO:-x}\n", {})
