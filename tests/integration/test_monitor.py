@@ -20,6 +20,8 @@ import redis
 import yaml
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from services.monitor import QueueSnapshot, read_snapshot, with_rates
 from services.monitor_exporter import create_app
@@ -174,7 +176,9 @@ def test_exporter_serves_the_same_figures(
 
 
 def test_exporter_reports_an_unreachable_redis() -> None:
-    client = redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1)
+    client = redis.Redis(
+        host="127.0.0.1", port=free_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)
+    )
     with TestClient(create_app(client)) as http:
         assert http.get("/health").status_code == 503
         page = http.get("/metrics").text
