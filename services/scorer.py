@@ -49,7 +49,9 @@ class Scorer:
             for completion in group.completions:
                 if completion.token_ids:
                     ids = group.prompt_token_ids + completion.token_ids
-                    sequences.append(ScoreSequence(token_ids=ids, start=len(group.prompt_token_ids)))
+                    sequences.append(
+                        ScoreSequence(token_ids=ids, start=len(group.prompt_token_ids))
+                    )
                     targets.append(completion)
                 else:
                     completion.teacher_logprobs = []

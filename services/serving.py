@@ -138,7 +138,9 @@ async def read_body(request: Request, cls: type[M], max_bytes: int) -> M:
         return cls.model_validate_json(data)
     except ValidationError as exc:
         if any(err["type"] == "json_invalid" for err in exc.errors()):
-            raise ApiError(400, "malformed_body", f"body is not valid JSON: {exc.errors()[0]['msg']}")
+            raise ApiError(
+                400, "malformed_body", f"body is not valid JSON: {exc.errors()[0]['msg']}"
+            )
         raise
 
 

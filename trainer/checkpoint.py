@@ -32,7 +32,9 @@ def save(engine: Any, folder: Path, progress: Progress, keep: int, is_main: bool
     """Collective: every rank calls it. The progress file is written last, by rank 0, so a
     crash mid-save leaves the previous checkpoint as the one `load` finds."""
     progress.tag = f"step-{progress.step:06d}"
-    engine.save_checkpoint(str(folder), tag=progress.tag, client_state={"rlad": progress.model_dump()})
+    engine.save_checkpoint(
+        str(folder), tag=progress.tag, client_state={"rlad": progress.model_dump()}
+    )
     if is_main:
         tmp = folder / (LATEST + ".tmp")
         tmp.write_text(progress.model_dump_json())

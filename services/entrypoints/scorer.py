@@ -47,7 +47,9 @@ def command(
         raise typer.BadParameter("no teacher: pass --teacher-url or set TEACHER_URLS")
 
     async def main() -> None:
-        async with TeacherClient(urls, api_key=api_key(), deadline_s=run.scorer.deadline_s) as client:
+        async with TeacherClient(
+            urls, api_key=api_key(), deadline_s=run.scorer.deadline_s
+        ) as client:
             if rollout_url:
                 async with RolloutClient([rollout_url], api_key=api_key()) as rollout:
                     check_compatible(await rollout.info(), await client.info())
