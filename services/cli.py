@@ -28,6 +28,8 @@ COMMANDS: list[tuple[str, str]] = [
     ("serve-teacher", "serve_teacher"),
     ("score", "score"),
     ("monitor", "monitor"),
+    ("eval", "eval"),
+    ("bootstrap", "bootstrap"),
 ]
 
 for _name, _module in COMMANDS:

@@ -35,6 +35,9 @@ class TinyModelConfig(BaseModel):
 SIZES: dict[str, TinyModelConfig] = {
     "student": TinyModelConfig(),
     "teacher": TinyModelConfig(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=768),
+    # `rlad bootstrap`'s teacher: twice the student's depth and heads (head_dim 32), small
+    # enough to learn K&K by SFT in minutes on a CPU.
+    "bootstrap-teacher": TinyModelConfig(num_layers=4, num_heads=4, intermediate_size=512),
 }
 
 
