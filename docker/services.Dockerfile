@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # Two images from one file:
-#   --target services  the queue workers (scorer, rollout worker) and the monitor: no torch,
-#                      no DeepSpeed (they never import them), ~10x smaller than the GPU image;
+#   --target services  the queue workers (scorer, rollout worker) and the monitor: CPU torch
+#                      (the rollout client's weight codec imports it), no DeepSpeed, no CUDA;
 #   --target cpu       the tiny CPU demo (`COMPOSE_PROFILES=cpu`): every process, servers on the
 #                      transformers backend, DeepSpeed on the CPU with its comm op pre-built.
 # Build from the repository root:
@@ -20,6 +20,9 @@ RUN groupadd --system --gid 10001 rlad \
     && mkdir -p /data \
     && chown rlad:rlad /data
 WORKDIR /opt/rlad
+ARG TORCH_VERSION=2.13.0
+# The CPU wheel of torch from PyTorch's index (PyPI's default wheel carries CUDA, ~3 GB).
+RUN python3 -m pip install --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}"
 # Dependencies in their own layer: rebuilt only when pyproject.toml or the pins change.
 COPY pyproject.toml ./
 COPY docker/constraints.txt docker/pins.py docker/
@@ -45,15 +48,12 @@ CMD ["rlad", "--help"]
 
 FROM services AS cpu
 USER 0
-ARG TORCH_VERSION=2.13.0
 # A C++ compiler: DeepSpeed JIT-builds its CPU communication op (done below, at build time).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends g++=4:12.2.0-3 \
     && rm -rf /var/lib/apt/lists/*
-# The CPU wheel of torch from PyTorch's index (PyPI's default wheel carries CUDA, ~3 GB).
-# Then what the light image left out (DeepSpeed), at the pinned versions.
-RUN python3 -m pip install --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}" \
-    && python3 /opt/rlad/docker/pins.py requirements > /tmp/requirements.txt \
+# What the light image left out (DeepSpeed), at the pinned versions.
+RUN python3 /opt/rlad/docker/pins.py requirements > /tmp/requirements.txt \
     && python3 /opt/rlad/docker/pins.py constraints --keep-installed > /tmp/constraints.txt \
     && python3 -m pip install -r /tmp/requirements.txt -c /tmp/constraints.txt \
     && rm /tmp/requirements.txt /tmp/constraints.txt

@@ -103,6 +103,25 @@ def test_light_image_requirements_leave_torch_and_deepspeed_out() -> None:
     assert "torch" not in names and "deepspeed" not in names and "redis" in names
 
 
+# What `rlad scorer`, `rlad rollout-worker` and `rlad monitor` import when they run: the
+# light image (target `services`) has no DeepSpeed.
+LIGHT_IMAGE_IMPORTS = """
+import sys
+sys.modules["deepspeed"] = None
+import services.cli, services.scorer, services.teacher_client, services.rollout_client
+import services.rollout_worker, services.tasks, services.tokenizer_check, services.discovery
+import services.monitor_exporter, services.monitor_view
+from transformers import AutoTokenizer
+"""
+
+
+def test_light_image_commands_run_without_deepspeed() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", LIGHT_IMAGE_IMPORTS], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_keep_installed_never_moves_an_installed_package() -> None:
     lines = pins.constraints(ROOT / "docker/constraints.txt", keep_installed=True)
     by_name = dict(line.split("==") for line in lines)
