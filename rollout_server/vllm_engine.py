@@ -95,6 +95,7 @@ class VLLMRolloutEngine(VersionedEngine):
     ) -> PromptCompletions:
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
         params = VLLMSamplingParams(
             n=sampling.n,
@@ -107,6 +108,8 @@ class VLLMRolloutEngine(VersionedEngine):
             seed=None if sampling.seed is None else sampling.seed + index,
             logprobs=0,
             detokenize=False,
+            # All n completions in one final output (streaming mode yields one child at a time).
+            output_kind=RequestOutputKind.FINAL_ONLY,
         )
         request_id = uuid.uuid4().hex
         self._running.add(request_id)
@@ -120,7 +123,7 @@ class VLLMRolloutEngine(VersionedEngine):
             self._running.discard(request_id)
         assert final is not None
         completions = []
-        for out in final.outputs:
+        for out in sorted(final.outputs, key=lambda o: o.index):
             ids = list(out.token_ids)
             entries = out.logprobs or []
             completions.append(

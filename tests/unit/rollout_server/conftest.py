@@ -3,6 +3,7 @@ case for weight updates) and freshly perturbed copies of it standing in for trai
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,11 @@ def perturbed_model(model_dir: Path, seed: int, scale: float = 0.05) -> PreTrain
         for param in model.parameters():
             param.add_(torch.randn(param.shape, generator=generator) * scale)
     return model
+
+
+@pytest.fixture(scope="session")
+def perturbed() -> Callable[..., PreTrainedModel]:
+    return perturbed_model
 
 
 @pytest.fixture(scope="session")

@@ -5,13 +5,12 @@ update with in_flight_policy='abort' cuts running generations without mixing ver
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import torch
-from conftest import perturbed_model
 from transformers import PreTrainedModel
 
 from rollout_server.config import RolloutServerConfig
@@ -29,6 +28,8 @@ from services.protocol import (
 )
 from services.serving import ApiError
 from trainer.logprobs import sequence_logprobs
+
+Perturb = Callable[..., PreTrainedModel]  # the `perturbed` fixture
 
 T = TypeVar("T")
 PROMPTS = [[10, 11, 12, 13], [40, 41]]
@@ -84,14 +85,16 @@ def assert_logprobs_match(model: PreTrainedModel, response: GenerateResponse, te
             assert completion.logprobs == pytest.approx(tail.tolist(), abs=1e-4)
 
 
-def test_sampling_logprobs_are_the_tempered_distribution(harness: Harness, tied_student: Path):
+def test_sampling_logprobs_are_the_tempered_distribution(
+    perturbed: Perturb, harness: Harness, tied_student: Path
+):
     response = harness.sample(n=3, temperature=0.7, max_tokens=12, seed=1)
     assert [len(r.completions) for r in response.results] == [3, 3]
     assert all(
         c.finish_reason in ("stop", "length") for r in response.results for c in r.completions
     )
     assert response.policy_version == 0
-    serving = perturbed_model(tied_student, seed=0, scale=0.0)  # the weights as loaded
+    serving = perturbed(tied_student, seed=0, scale=0.0)  # the weights as loaded
     assert_logprobs_match(serving, response, temperature=0.7)
 
 
@@ -103,11 +106,13 @@ def test_seeded_sampling_reproduces(harness: Harness) -> None:
     assert first.results != other.results
 
 
-def test_successive_updates_are_exact_and_versioned(harness: Harness, tied_student: Path):
+def test_successive_updates_are_exact_and_versioned(
+    perturbed: Perturb, harness: Harness, tied_student: Path
+):
     ids = probe_token_ids(128, length=24)
     start = harness.engine.gate.version
     for step in (1, 2, 3):
-        model = perturbed_model(tied_student, seed=100 + step)
+        model = perturbed(tied_student, seed=100 + step)
         probe = make_probe(model, ids, atol=1e-4)
         result = harness.push(model, start + step, probe)
         assert result.policy_version == start + step
@@ -118,27 +123,29 @@ def test_successive_updates_are_exact_and_versioned(harness: Harness, tied_stude
     assert harness.engine.info().policy_version == start + 3
 
 
-def test_refused_updates_leave_the_old_weights_serving(harness: Harness, tied_student: Path):
+def test_refused_updates_leave_the_old_weights_serving(
+    perturbed: Perturb, harness: Harness, tied_student: Path
+):
     before = harness.sample(n=2, temperature=1.0, max_tokens=8, seed=3)
     info = harness.engine.info()
-    wrong = make_probe(perturbed_model(tied_student, seed=998), probe_token_ids(128))
+    wrong = make_probe(perturbed(tied_student, seed=998), probe_token_ids(128))
     with pytest.raises(ApiError) as caught:
-        harness.push(perturbed_model(tied_student, seed=999), info.policy_version + 1, wrong)
+        harness.push(perturbed(tied_student, seed=999), info.policy_version + 1, wrong)
     assert (caught.value.status, caught.value.type) == (422, "probe_mismatch")
     with pytest.raises(ApiError) as stale:
-        harness.push(perturbed_model(tied_student, seed=999), info.policy_version)
+        harness.push(perturbed(tied_student, seed=999), info.policy_version)
     assert stale.value.status == 409
     assert harness.engine.info() == info
     assert harness.sample(n=2, temperature=1.0, max_tokens=8, seed=3) == before
 
 
 def test_abort_policy_cuts_running_generation_on_its_own_version(
-    harness: Harness, tied_student: Path
+    perturbed: Perturb, harness: Harness, tied_student: Path
 ) -> None:
-    old = perturbed_model(tied_student, seed=200)
+    old = perturbed(tied_student, seed=200)
     harness.push(old, harness.engine.gate.version + 1)
     old_version = harness.engine.gate.version
-    new = perturbed_model(tied_student, seed=201)
+    new = perturbed(tied_student, seed=201)
 
     async def generate_while_updating() -> tuple[GenerateResponse, WeightUpdateResponse]:
         request = GenerateRequest(

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import perturbed_model
 from safetensors.torch import load_file
+from transformers import PreTrainedModel
 
 from rollout_server.safetensors_io import encode_chunks, read_header
 from rollout_server.weights import (
@@ -26,6 +26,8 @@ from rollout_server.weights import (
 )
 from services.serving import ApiError
 from trainer.logprobs import sequence_logprobs
+
+Perturb = Callable[..., PreTrainedModel]  # the `perturbed` fixture
 
 
 def encoded(state: dict[str, torch.Tensor]) -> bytes:
@@ -66,9 +68,11 @@ def test_schema_of_a_tied_model_lists_the_head(tied_student: Path) -> None:
     assert schema.shapes["lm_head.weight"] == (128, 128)
 
 
-def test_a_good_update_stages_with_its_checksum(tied_student: Path, tmp_path: Path) -> None:
+def test_a_good_update_stages_with_its_checksum(
+    perturbed: Perturb, tied_student: Path, tmp_path: Path
+) -> None:
     schema = WeightSchema.from_model_dir(tied_student)
-    state = perturbed_model(tied_student, seed=1).state_dict()
+    state = perturbed(tied_student, seed=1).state_dict()
     data = encoded(state)
     staged = stage(tmp_path, data, schema)
     assert staged.sha256 == {UPLOAD_FILE: hashlib.sha256(data).hexdigest()}
@@ -76,9 +80,11 @@ def test_a_good_update_stages_with_its_checksum(tied_student: Path, tmp_path: Pa
     assert [p.name for p in staged.files()] == [UPLOAD_FILE]
 
 
-def test_a_tied_model_without_head_gets_it_written(tied_student: Path, tmp_path: Path) -> None:
+def test_a_tied_model_without_head_gets_it_written(
+    perturbed: Perturb, tied_student: Path, tmp_path: Path
+) -> None:
     schema = WeightSchema.from_model_dir(tied_student)
-    state = dict(perturbed_model(tied_student, seed=1).state_dict())
+    state = dict(perturbed(tied_student, seed=1).state_dict())
     embedding = state.pop("lm_head.weight")
     staged = stage(tmp_path, encoded(state), schema)
     head = load_file(str(staged.folder / TIED_FILE))["lm_head.weight"]
@@ -105,10 +111,10 @@ def test_a_tied_model_without_head_gets_it_written(tied_student: Path, tmp_path:
     ],
 )
 def test_updates_that_do_not_fit_the_model_are_refused_by_name(
-    tied_student: Path, tmp_path: Path, change, reason: str
+    perturbed: Perturb, tied_student: Path, tmp_path: Path, change, reason: str
 ) -> None:
     schema = WeightSchema.from_model_dir(tied_student)
-    state = dict(perturbed_model(tied_student, seed=1).state_dict())
+    state = dict(perturbed(tied_student, seed=1).state_dict())
     change(state)
     with pytest.raises(ApiError) as caught:
         stage(tmp_path, encoded(state), schema)
@@ -116,9 +122,11 @@ def test_updates_that_do_not_fit_the_model_are_refused_by_name(
     assert reason in caught.value.message
 
 
-def test_a_corrupted_upload_fails_its_checksum(tied_student: Path, tmp_path: Path) -> None:
+def test_a_corrupted_upload_fails_its_checksum(
+    perturbed: Perturb, tied_student: Path, tmp_path: Path
+) -> None:
     schema = WeightSchema.from_model_dir(tied_student)
-    data = bytearray(encoded(perturbed_model(tied_student, seed=1).state_dict()))
+    data = bytearray(encoded(perturbed(tied_student, seed=1).state_dict()))
     declared = hashlib.sha256(data).hexdigest()
     data[-10] ^= 0xFF  # one flipped bit pattern in the last tensor
     with pytest.raises(ApiError) as caught:
@@ -126,8 +134,10 @@ def test_a_corrupted_upload_fails_its_checksum(tied_student: Path, tmp_path: Pat
     assert (caught.value.status, caught.value.type) == (400, "checksum_mismatch")
 
 
-def test_a_truncated_upload_is_refused(tied_student: Path, tmp_path: Path) -> None:
-    data = encoded(perturbed_model(tied_student, seed=1).state_dict())
+def test_a_truncated_upload_is_refused(
+    perturbed: Perturb, tied_student: Path, tmp_path: Path
+) -> None:
+    data = encoded(perturbed(tied_student, seed=1).state_dict())
     with pytest.raises(ApiError) as caught:
         asyncio.run(
             receive_upload(as_stream(data[:-100]), tmp_path, max_bytes=1 << 30, idle_timeout_s=5)
@@ -162,8 +172,10 @@ def test_a_stalled_upload_times_out(tmp_path: Path) -> None:
     assert (caught.value.status, caught.value.type) == (408, "upload_timeout")
 
 
-def test_probe_equals_a_forward_pass_and_flags_other_weights(tied_student: Path) -> None:
-    model = perturbed_model(tied_student, seed=1)
+def test_probe_equals_a_forward_pass_and_flags_other_weights(
+    perturbed: Perturb, tied_student: Path
+) -> None:
+    model = perturbed(tied_student, seed=1)
     ids = probe_token_ids(128, length=16)
     assert ids == probe_token_ids(128, length=16)  # both sides derive the same sequence
     probe = make_probe(model, ids, atol=1e-4)
@@ -171,7 +183,7 @@ def test_probe_equals_a_forward_pass_and_flags_other_weights(tied_student: Path)
     expected, _ = sequence_logprobs(model, tensor, torch.ones_like(tensor))
     assert probe.logprobs == pytest.approx(expected[0].tolist(), abs=1e-6)
     assert check_probe(probe, probe.logprobs) == 0.0
-    other = make_probe(perturbed_model(tied_student, seed=2), ids)
+    other = make_probe(perturbed(tied_student, seed=2), ids)
     with pytest.raises(ApiError) as caught:
         check_probe(probe, other.logprobs)
     assert (caught.value.status, caught.value.type) == (422, "probe_mismatch")
