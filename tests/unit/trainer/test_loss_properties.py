@@ -69,7 +69,7 @@ def test_loss_gradient_and_metrics_stay_finite(
     assert math.isfinite(loss.item())
     assert torch.isfinite(grad).all()
     assert all(math.isfinite(value) for value in metrics.values()), metrics
-    assert grad[inputs.loss_mask == 0].abs().max().item() == 0.0  # empty rows included
+    assert grad[inputs.loss_mask == 0].abs().sum().item() == 0.0  # empty rows included
 
 
 @settings(max_examples=60, deadline=None)
