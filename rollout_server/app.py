@@ -21,6 +21,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -34,6 +35,10 @@ from rollout_server.weights import UPLOAD_FILE
 from services.protocol import (
     GenerateRequest,
     GenerateResponse,
+    NcclFinishRequest,
+    NcclInitRequest,
+    NcclStartRequest,
+    NcclUpdateRequest,
     ServerInfo,
     WeightProbe,
     WeightUpdateRequest,
@@ -152,4 +157,44 @@ def create_app(config: RolloutServerConfig, engine: RolloutEngine | None = None)
             "http", engine_.update_weights_from_upload(body_chunks(request), update)
         )
 
+    if config.nccl_weight_transfer:
+        add_nccl_routes(app, config, ready)
     return app
+
+
+def add_nccl_routes(app: FastAPI, config: RolloutServerConfig, ready: Any) -> None:
+    """`/v1/weights/nccl/*`: the control plane of vLLM's NCCL transfer (GPU servers only)."""
+
+    def updates(request: Request) -> Any:
+        check_auth(request, required=not config.loopback_only)
+        nccl = getattr(ready(), "nccl", None)
+        if nccl is None:
+            raise ApiError(
+                501, "not_supported", "start the vLLM backend with --nccl-weight-transfer"
+            )
+        return nccl
+
+    @app.post("/v1/weights/nccl/init", summary="Join the trainer's NCCL group")
+    async def nccl_init(request: Request) -> Response:
+        nccl = updates(request)
+        await nccl.init(await read_body(request, NcclInitRequest, config.max_body_bytes))
+        return Response(status_code=204)
+
+    @app.post("/v1/weights/nccl/start", summary="Take the weights for an NCCL update")
+    async def nccl_start(request: Request) -> Response:
+        nccl = updates(request)
+        await nccl.start(await read_body(request, NcclStartRequest, config.max_body_bytes))
+        return Response(status_code=204)
+
+    @app.post("/v1/weights/nccl/update", summary="Receive the tensors the trainer broadcasts")
+    async def nccl_update(request: Request) -> Response:
+        nccl = updates(request)
+        await nccl.update(await read_body(request, NcclUpdateRequest, config.max_body_bytes))
+        return Response(status_code=204)
+
+    @app.post("/v1/weights/nccl/finish", summary="Verify the probe and commit the version")
+    async def nccl_finish(request: Request) -> Response:
+        nccl = updates(request)
+        body = await read_body(request, NcclFinishRequest, config.max_body_bytes)
+        result: WeightUpdateResponse = await nccl.finish(body)
+        return Response(result.model_dump_json(), media_type="application/json")

@@ -68,8 +68,12 @@ class VersionedEngine:
         self._owns_work_dir = config.work_dir is None
         self.work_dir = Path(config.work_dir or tempfile.mkdtemp(prefix="rlad-rollout-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        # Where the serving weights can be reloaded from, to roll back a failed update.
-        self.serving_dir = facts.path
+        # Where the serving weights can be reloaded from, to roll back a failed update;
+        # None once they exist only in memory (after an NCCL update).
+        self.serving_dir: Path | None = facts.path
+        # Set when a failed update could not be undone: generation refuses (503) until a
+        # full update succeeds, rather than serve weights no version describes.
+        self.broken: str | None = None
 
     # ------------------------------------------------------------ backend hooks
 
@@ -103,6 +107,8 @@ class VersionedEngine:
         )
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
+        if self.broken is not None:
+            raise ApiError(503, "weights_unverified", self.broken)
         prompts = resolve_prompts(request, self.tokenizer)
         budgets = completion_budgets(
             prompts,
@@ -123,14 +129,17 @@ class VersionedEngine:
 
     # ------------------------------------------------------------ weight updates
 
-    def _precheck(self, request: WeightUpdateRequest) -> None:
-        if request.version <= self.gate.version:
+    def check_version(self, version: int) -> None:
+        if version <= self.gate.version:
             raise ApiError(
                 409,
                 "stale_version",
-                f"version {request.version} is not above the serving version "
+                f"version {version} is not above the serving version "
                 f"{self.gate.version}; send a larger one",
             )
+
+    def _precheck(self, request: WeightUpdateRequest) -> None:
+        self.check_version(request.version)
         if self.config.require_checksum and not request.sha256:
             raise ApiError(422, "checksum_required", "this server requires sha256 of the weights")
         if self.config.require_probe and request.probe is None:
@@ -193,8 +202,9 @@ class VersionedEngine:
             probe_diff = await self._swap_in(staged, request.probe)
             self.gate.version = request.version
             self.revision = staged.revision
+            self.broken = None
             previous, self.serving_dir = self.serving_dir, staged.folder
-        if previous.parent == self.work_dir:  # never delete the model folder we started from
+        if previous is not None and previous.parent == self.work_dir:  # not the model folder
             shutil.rmtree(previous, ignore_errors=True)
         response = WeightUpdateResponse(
             policy_version=request.version,

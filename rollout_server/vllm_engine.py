@@ -57,7 +57,11 @@ class VLLMRolloutEngine(VersionedEngine):
         if config.kv_cache_gib is not None:
             extra["kv_cache_memory_bytes"] = int(config.kv_cache_gib * GIB)
         if config.nccl_weight_transfer:
+            import torch
             from vllm.config.weight_transfer import WeightTransferConfig
+
+            if not torch.cuda.is_available():
+                raise RuntimeError("nccl_weight_transfer needs CUDA GPUs; use file or HTTP updates")
 
             extra["weight_transfer_config"] = WeightTransferConfig(backend="nccl")
         args = AsyncEngineArgs(
@@ -74,6 +78,11 @@ class VLLMRolloutEngine(VersionedEngine):
         self.llm = AsyncLLM.from_engine_args(args)
         super().__init__(config, facts, AutoTokenizer.from_pretrained(facts.path))
         self._running: set[str] = set()
+        self.nccl = None
+        if config.nccl_weight_transfer:
+            from rollout_server.nccl import NcclUpdates
+
+            self.nccl = NcclUpdates(self)
         log.info("vllm engine ready: %s", config.model)
 
     # ------------------------------------------------------------ sampling
@@ -169,21 +178,34 @@ class VLLMRolloutEngine(VersionedEngine):
             await self._reload(str(staged.folder))
             return check_probe(probe, await self.score(probe.token_ids)) if probe else None
         except BaseException as exc:
-            log.warning("update rejected (%s); restoring %s", exc, self.serving_dir)
-            try:
-                await self._reload(str(self.serving_dir))
-            except Exception as restore_exc:  # the engine is now in an unknown state
-                raise ApiError(
-                    500,
-                    "restore_failed",
-                    f"loading the update failed ({exc}) and restoring the previous weights "
-                    f"failed too ({restore_exc}); restart the server",
-                ) from restore_exc
-            if isinstance(exc, ApiError):
+            error = await self.restore_after(exc)
+            if error is exc:
                 raise
-            raise ApiError(
-                500, "load_failed", f"loading the update failed: {exc}; the old weights serve"
-            ) from exc
+            raise error from exc
+
+    async def restore_after(self, exc: BaseException) -> ApiError:
+        """Reload the weights that served before a failed update; the error to answer."""
+        log.warning("update rejected (%s); restoring %s", exc, self.serving_dir)
+        try:
+            if self.serving_dir is None:
+                raise RuntimeError("the serving weights came over NCCL and have no copy on disk")
+            await self._reload(str(self.serving_dir))
+        except Exception as restore_exc:  # the engine is now in an unknown state
+            self.broken = (
+                f"a failed update could not be undone ({restore_exc}); push a full update "
+                "over HTTP or file to serve again"
+            )
+            return ApiError(
+                500,
+                "restore_failed",
+                f"loading the update failed ({exc}) and restoring the previous weights "
+                f"failed too ({restore_exc}); push a full update over HTTP or file, or restart",
+            )
+        if isinstance(exc, ApiError):
+            return exc
+        return ApiError(
+            500, "load_failed", f"loading the update failed: {exc}; the old weights serve"
+        )
 
     def _close(self) -> None:
         self.llm.shutdown()

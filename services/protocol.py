@@ -7,7 +7,7 @@ validated by these models on both ends — nothing builds or reads a raw dict.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -171,6 +171,29 @@ class WeightUpdateRequest(WireModel):
     sha256: dict[str, str] | None = Field(
         default=None, description="Per-file sha256 the server checks before loading."
     )
+    probe: WeightProbe | None = None
+
+
+class NcclInitRequest(WireModel):
+    """GPU rollout servers: join the trainer's NCCL group (vLLM's weight-transfer engine)."""
+
+    init_info: dict[str, Any] = Field(
+        description="vLLM `NCCLWeightTransferInitInfo` fields (master_address, master_port, "
+        "rank_offset, world_size, packed ...), as vLLM's trainer engine sends them."
+    )
+
+
+class NcclStartRequest(WireModel):
+    version: int = Field(ge=0, description="Must be greater than the serving version.")
+
+
+class NcclUpdateRequest(WireModel):
+    update_info: dict[str, Any] = Field(
+        description="vLLM `NCCLWeightTransferUpdateInfo`: names, dtype_names, shapes."
+    )
+
+
+class NcclFinishRequest(WireModel):
     probe: WeightProbe | None = None
 
 
