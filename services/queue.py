@@ -161,15 +161,15 @@ class GroupQueue:
         group = CONSUMER_GROUPS[stream]
         entries: list[Any] = []
         if reclaim:
-            _, claimed, _ = self.redis.xautoclaim(
+            reply: Any = self.redis.xautoclaim(
                 stream, group, consumer, min_idle_time=self.config.claim_idle_ms, count=count
             )
-            entries = list(claimed)
+            entries = list(reply[1])  # Redis 7 adds a third element (deleted ids); 6.2 not
         if not entries:
-            reply: Any = self.redis.xreadgroup(
+            fresh: Any = self.redis.xreadgroup(
                 group, consumer, {stream: ">"}, count=count, block=block_ms
             )
-            entries = reply[0][1] if reply else []
+            entries = fresh[0][1] if fresh else []
         deliveries = [self._delivery(stream, group, entry) for entry in entries if entry]
         live = []
         for delivery in deliveries:

