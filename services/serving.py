@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services import wire
 from services.protocol import ErrorBody, ErrorResponse
@@ -81,6 +82,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.type, exc.message, exc.detail, exc.headers)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Unknown paths and methods answer in the one error shape too.
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        headers = dict(exc.headers) if exc.headers else None
+        return error_response(exc.status_code, kind, str(exc.detail), headers=headers)
+
     @app.exception_handler(RequestValidationError)
     async def _request_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         detail = _validation_detail(exc)
@@ -140,7 +148,7 @@ async def read_body(request: Request, cls: type[M], max_bytes: int) -> M:
         if any(err["type"] == "json_invalid" for err in exc.errors()):
             raise ApiError(
                 400, "malformed_body", f"body is not valid JSON: {exc.errors()[0]['msg']}"
-            )
+            ) from exc
         raise
 
 

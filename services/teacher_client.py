@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import random
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from types import TracebackType
 from typing import TypeVar
 
@@ -30,9 +27,9 @@ from pydantic import BaseModel
 from services import wire
 from services.protocol import ErrorResponse, ScoreRequest, ScoreResponse, ScoreSequence, ServerInfo
 from services.serving import API_KEY_ENV
+from services.teacher_replicas import Replica, ReplicaSet, split_batches
 from services.tokenizer_check import check_compatible
 
-log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -46,38 +43,6 @@ class TeacherRequestError(RuntimeError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-@dataclass
-class Replica:
-    url: str
-    outstanding: int = 0
-    failures: int = 0  # consecutive
-    open_until: float = 0.0  # monotonic time; the breaker is open (replica skipped) before it
-    down_by_health: bool = False
-    last_failure: str = "never failed"
-
-    def available(self, now: float) -> bool:
-        return now >= self.open_until
-
-
-def split_batches(
-    sequences: Sequence[ScoreSequence], max_tokens: int, max_sequences: int
-) -> list[list[ScoreSequence]]:
-    """Consecutive chunks of at most `max_tokens` tokens and `max_sequences` sequences."""
-    chunks: list[list[ScoreSequence]] = []
-    current: list[ScoreSequence] = []
-    tokens = 0
-    for seq in sequences:
-        n = len(seq.token_ids)
-        if current and (tokens + n > max_tokens or len(current) >= max_sequences):
-            chunks.append(current)
-            current, tokens = [], 0
-        current.append(seq)
-        tokens += n
-    if current:
-        chunks.append(current)
-    return chunks
 
 
 class TeacherClient:
@@ -100,16 +65,13 @@ class TeacherClient:
         """`api_key` defaults to `RLAD_API_KEY`; `deadline_s` bounds every call, retries
         included; a replica's breaker opens for `breaker_open_s` after `breaker_failures`
         consecutive failures (or one failed health check)."""
-        if not urls:
-            raise ValueError("TeacherClient needs at least one teacher URL")
-        self.replicas = [Replica(url.rstrip("/")) for url in urls]
+        self.pool = ReplicaSet(urls, breaker_failures, breaker_open_s)
+        self.replicas = self.pool.replicas
         self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
         self.deadline_s = deadline_s
         self.request_timeout_s = request_timeout_s
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_sequences = max_batch_sequences
-        self.breaker_failures = breaker_failures
-        self.breaker_open_s = breaker_open_s
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.health_interval_s = health_interval_s
@@ -149,6 +111,8 @@ class TeacherClient:
 
     async def score(self, sequences: list[ScoreSequence], top_k: int = 0) -> ScoreResponse:
         """Logprobs of tokens `start..` of every sequence, in order (see module docstring)."""
+        if not sequences:
+            raise ValueError("score() needs at least one sequence")
         deadline = time.monotonic() + self.deadline_s
         chunks = split_batches(sequences, self.max_batch_tokens, self.max_batch_sequences)
         parts = await asyncio.gather(
@@ -181,33 +145,11 @@ class TeacherClient:
         body = wire.encode(request) if self.binary else request.model_dump_json().encode()
         return await self._request("POST", "/v1/score", body, ScoreResponse, deadline)
 
-    def _pick(self, now: float, tried: set[str]) -> Replica | None:
-        """Least outstanding among closed breakers, preferring replicas not yet tried."""
-        ready = [r for r in self.replicas if r.available(now)]
-        fresh = [r for r in ready if r.url not in tried] or ready
-        if not fresh:
-            return None
-        least = min(r.outstanding for r in fresh)
-        return random.choice([r for r in fresh if r.outstanding == least])
-
-    def _fail(self, replica: Replica, reason: str, *, busy_s: float | None = None) -> None:
-        now = time.monotonic()
-        replica.last_failure = reason
-        if busy_s is not None:  # overloaded or starting: skip it a while, it is not broken
-            replica.open_until = max(replica.open_until, now + busy_s)
-            return
-        replica.failures += 1
-        if replica.failures >= self.breaker_failures:
-            replica.open_until = now + self.breaker_open_s
-            log.warning(
-                "teacher %s: breaker open for %.1fs: %s", replica.url, self.breaker_open_s, reason
-            )
-
     def _unavailable(self, what: str) -> TeacherUnavailable:
-        states = "; ".join(f"{r.url}: {r.last_failure}" for r in self.replicas)
         return TeacherUnavailable(
             f"no teacher replica answered {what} within the {self.deadline_s:.1f}s deadline. "
-            f"Last failure per replica: {states}. Check that the servers run and are reachable."
+            f"Last failure per replica: {self.pool.describe()}. Check that the servers run and "
+            "are reachable."
         )
 
     async def _request(
@@ -222,10 +164,9 @@ class TeacherClient:
             now = time.monotonic()
             if now >= deadline:
                 raise self._unavailable(f"{method} {path}")
-            replica = self._pick(now, tried)
+            replica = self.pool.pick(tried)
             if replica is None:  # every breaker open: wait for the first to half-open
-                soonest = min(r.open_until for r in self.replicas)
-                await asyncio.sleep(max(0.01, min(soonest, deadline) - now))
+                await asyncio.sleep(max(0.01, min(self.pool.next_opening(), deadline) - now))
                 continue
             tried.add(replica.url)
             replica.outstanding += 1
@@ -238,21 +179,20 @@ class TeacherClient:
                     timeout=min(self.request_timeout_s, deadline - now),
                 )
             except httpx.HTTPError as exc:
-                self._fail(replica, f"{type(exc).__name__}: {exc}".rstrip(": "))
+                self.pool.failed(replica, f"{type(exc).__name__}: {exc}".rstrip(": "))
                 response = None
             finally:
                 replica.outstanding -= 1
             if response is not None:
                 if response.status_code == 200:
-                    replica.failures = 0
+                    self.pool.succeeded(replica)
                     return self._decode(response, cls)
                 self._handle_refusal(replica, response, f"{method} {path}")
             attempt += 1
-            if len(tried) >= len(self.replicas):  # each replica had a go: back off first
+            if self.pool.all_tried(tried):  # each usable replica had a go: back off first
                 delay = min(self.max_backoff_s, self.backoff_s * 2**attempt)
-                await asyncio.sleep(
-                    min(delay * random.uniform(0.5, 1.0), max(0.0, deadline - time.monotonic()))
-                )
+                remaining = max(0.0, deadline - time.monotonic())
+                await asyncio.sleep(min(delay * random.uniform(0.5, 1.0), remaining))
                 tried.clear()
 
     def _handle_refusal(self, replica: Replica, response: httpx.Response, what: str) -> None:
@@ -266,9 +206,9 @@ class TeacherClient:
         if status in (429, 503):
             retry_after = response.headers.get("retry-after", "1")
             busy = float(retry_after) if retry_after.replace(".", "", 1).isdigit() else 1.0
-            self._fail(replica, reason, busy_s=min(busy, self.max_backoff_s))
+            self.pool.busy(replica, reason, min(busy, self.max_backoff_s))
         elif status >= 500 or status in (404, 408):
-            self._fail(replica, reason)
+            self.pool.failed(replica, reason)
         else:
             raise TeacherRequestError(status, f"{replica.url} refused {what}: {reason}")
 
@@ -293,12 +233,7 @@ class TeacherClient:
             )
         except httpx.HTTPError as exc:
             healthy, reason = False, f"health check: {type(exc).__name__}: {exc}".rstrip(": ")
-        if healthy and replica.down_by_health:
-            replica.down_by_health, replica.failures, replica.open_until = False, 0, 0.0
-        elif not healthy:
-            replica.down_by_health = True
-            replica.last_failure = reason
-            replica.open_until = time.monotonic() + max(self.breaker_open_s, self.health_interval_s)
+        self.pool.health(replica, healthy, reason, hold_s=self.health_interval_s)
 
 
 async def verify_tokenizers(

@@ -102,6 +102,11 @@ def test_bad_input_gets_a_precise_4xx(
     assert words in _error(response, status)
 
 
+def test_unknown_paths_and_methods_answer_in_the_error_shape(http: httpx.Client) -> None:
+    assert "Not Found" in _error(http.get("/v1/nope"), 404)
+    assert "Method Not Allowed" in _error(http.get("/v1/score"), 405)
+
+
 def test_oversized_input_is_refused_naming_the_limit_or_the_sequence(http: httpx.Client) -> None:
     too_long = [ScoreSequence(token_ids=[1, 2]), ScoreSequence(token_ids=[3] * 257)]
     message = _error(

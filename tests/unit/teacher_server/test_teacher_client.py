@@ -16,9 +16,9 @@ from services.teacher_client import (
     TeacherClient,
     TeacherRequestError,
     TeacherUnavailable,
-    split_batches,
     verify_tokenizers,
 )
+from services.teacher_replicas import split_batches
 from services.tokenizer_check import TokenizerMismatch
 from teacher_server.config import TeacherServerConfig
 from teacher_server.hf_engine import HFTeacherEngine
