@@ -3,9 +3,9 @@
 No weights are downloaded anywhere in this project, so the demo makes its own pair:
 the character tokenizer and two Qwen2-architecture models from `services.tiny_models`
 (vLLM CPU-compatible), then
-1. the teacher (the larger model) learns K&K by SFT on generated worked solutions
-   (compact rendering: every assignment checked in `<think>`, the answer in `<answer>`)
-   until it is good on the easy subsets;
+1. the teacher (the larger model) learns K&K PPL2-PPL3 by SFT on generated worked
+   solutions (compact rendering: every assignment checked in `<think>`, the answer in
+   `<answer>`) for `teacher_steps` steps;
 2. the student gets a short warm-up on the same data: it learns the format, so its
    reward is above the floor, but it stays well below the teacher.
 Greedy accuracy and mean reward of both on the held-out set are printed and stored in
@@ -47,7 +47,7 @@ class BootstrapConfig(BaseModel):
         default="full", description="`full`: the demo's models; `small`: seconds, for tests."
     )
     people: list[int] = Field(default=[2, 3], description="K&K subsets PPL<n> to learn.")
-    teacher_steps: int = Field(default=900, ge=1, description="Teacher SFT steps.")
+    teacher_steps: int = Field(default=600, ge=1, description="Teacher SFT steps.")
     student_steps: int = Field(default=60, ge=1, description="Student warm-up steps.")
     batch_size: int = Field(default=32, ge=1, description="SFT examples per step.")
     teacher_lr: float = Field(default=3e-3, gt=0)

@@ -23,13 +23,16 @@ from trainer.logprobs import sequence_logprobs
 class SFTConfig(BaseModel):
     steps: int = Field(default=300, ge=1, description="Optimizer steps.")
     batch_size: int = Field(default=32, ge=1, description="Examples per step.")
+    micro_batch_size: int = Field(
+        default=16,
+        ge=1,
+        description="Examples per forward pass; a step's examples are sorted by length first "
+        "so that short ones are not padded to the longest.",
+    )
     lr: float = Field(default=2e-3, gt=0, description="Peak learning rate.")
     warmup_steps: int = Field(default=20, ge=0, description="Linear warm-up length.")
     weight_decay: float = Field(default=0.01, ge=0)
-    seed: int = Field(default=0, description="Seeds parameter noise-free training order.")
-    time_limit_s: float | None = Field(
-        default=None, gt=0, description="Stop early after this many seconds (whole steps)."
-    )
+    seed: int = Field(default=0, description="torch seed (the data order is the stream's).")
 
 
 def _batch(
@@ -79,12 +82,21 @@ def sft(
     losses: list[float] = []
     start = time.monotonic()
     for step in range(config.steps):
-        pairs = [next(examples) for _ in range(config.batch_size)]
-        input_ids, attention, loss_mask = _batch(tokenizer, pairs)
-        logprobs, _ = sequence_logprobs(model, input_ids, attention)  # [B, T-1]
-        loss = -(logprobs * loss_mask).sum() / loss_mask.sum()
+        pairs = sorted(
+            (next(examples) for _ in range(config.batch_size)), key=lambda p: len(p[0] + p[1])
+        )
+        batches = [
+            _batch(tokenizer, pairs[i : i + config.micro_batch_size])
+            for i in range(0, len(pairs), config.micro_batch_size)
+        ]
+        targets = sum(loss_mask.sum() for _, _, loss_mask in batches)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = torch.zeros(())
+        for input_ids, attention, loss_mask in batches:
+            logprobs, _ = sequence_logprobs(model, input_ids, attention)  # [B, T-1]
+            part = -(logprobs * loss_mask).sum() / targets  # mean over the whole step's targets
+            part.backward()
+            loss += part.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
@@ -92,9 +104,6 @@ def sft(
         elapsed = time.monotonic() - start
         if step % 25 == 0 or step == config.steps - 1:
             log(f"  step {step:4d}  loss {loss.item():.4f}  {elapsed:6.1f}s")
-        if config.time_limit_s is not None and elapsed > config.time_limit_s:
-            log(f"  time limit reached after {step + 1} steps")
-            break
     model.eval()
     return losses
 
