@@ -63,8 +63,10 @@ async def score_through_cache(
     metrics: TeacherMetrics,
 ) -> list[SequenceScores]:
     """Scores of every sequence: cached ones from the cache, the rest from one batch."""
+    if not cache.max_bytes:
+        return await batcher.submit(request.sequences, request.top_k)
     keys = [cache_key(revision, seq, request.top_k) for seq in request.sequences]
-    results = [cache.get(key) if cache.max_bytes else None for key in keys]
+    results = [cache.get(key) for key in keys]
     missing = [i for i, found in enumerate(results) if found is None]
     metrics.cache_hits.inc(len(results) - len(missing))
     metrics.cache_misses.inc(len(missing))
