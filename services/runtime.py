@@ -20,6 +20,8 @@ def configure_logging(name: str) -> None:
         handlers=[RichHandler(show_path=False, rich_tracebacks=True)],
         force=True,
     )
+    # One line per HTTP request drowns the logs of long-running workers.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
 class StopFlag:
