@@ -28,9 +28,9 @@ class WireDecodeError(ValueError):
 
 
 def _pack_list(values: list[Any]) -> Any:
-    if values and all(type(v) is int for v in values):
-        if -_INT32_MAX <= min(values) and max(values) <= _INT32_MAX:
-            return msgpack.ExtType(_INT32, np.asarray(values, dtype="<i4").tobytes())
+    ints = values and all(type(v) is int for v in values)
+    if ints and min(values) >= -_INT32_MAX and max(values) <= _INT32_MAX:
+        return msgpack.ExtType(_INT32, np.asarray(values, dtype="<i4").tobytes())
     if values and all(type(v) is float for v in values):
         return msgpack.ExtType(_FLOAT32, np.asarray(values, dtype="<f4").tobytes())
     return [_pack(v) for v in values]
