@@ -96,13 +96,17 @@ def queue_overhead_per_group(group_size: int, tokens: int, repeats: int = 300) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch-prompts", type=int, default=4, help="B, groups per step.")
+    parser.add_argument("--max-tokens", type=int, default=64, help="Completion length limit.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         student = save_tiny_model(folder / "student", "student", seed=0)
         teacher = save_tiny_model(folder / "teacher", "teacher", seed=1)
         config = base_config(folder / "runs", student, teacher, args.steps)
+        config["trainer"]["batch_prompts"] = args.batch_prompts
+        config["rollout"]["max_tokens"] = args.max_tokens
         batch = config["trainer"]["batch_prompts"]
         print(f"pipeline benchmark: {args.steps} steps, B={batch}, tiny models on CPU")
 
