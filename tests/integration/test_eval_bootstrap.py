@@ -7,6 +7,8 @@ Both commands run as real processes, the way `make run` and users call them.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,14 +23,23 @@ from services.tasks.kk import KKTask
 
 
 def rlad(*args: str, timeout: float = 600) -> str:
-    done = subprocess.run(
+    """Run `rlad ARGS` in its own process group; on a timeout the whole group (vLLM's
+    engine-core child included) is killed, so nothing outlives the test."""
+    process = subprocess.Popen(
         [sys.executable, "-m", "services.cli", *args],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
+        start_new_session=True,
     )
-    assert done.returncode == 0, f"rlad {args[0]} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    assert process.returncode == 0, f"rlad {args[0]} failed:\n{stdout}\n{stderr}"
+    return stdout
 
 
 @pytest.fixture(scope="module")

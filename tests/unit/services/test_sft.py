@@ -35,7 +35,8 @@ def one_thread() -> Iterator[None]:
 
 def test_sft_teaches_a_completion_deterministically(one_thread: None) -> None:
     tokenizer = build_tokenizer()
-    pairs = [("Q: 1+1\n", "<answer>2</answer>"), ("Q: 2+2\n", "<answer>4</answer>")]
+    # Prompts of different lengths: greedy decoding left-pads the shorter one.
+    pairs = [("Q: 1+1\n", "<answer>2</answer>"), ("Q: 12+12\n", "<answer>24</answer>")]
     config = SFTConfig(steps=30, batch_size=4, micro_batch_size=2, lr=3e-3, warmup_steps=4)
     models, losses = [], []
     for _ in range(2):
