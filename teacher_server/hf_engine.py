@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
-from services.protocol import ScoreSequence, SequenceScores, ServerInfo
+from services.protocol import ScoreSequence, SequenceScores
 from teacher_server.config import TeacherServerConfig
 from teacher_server.engine import EngineBase
 from teacher_server.model_files import describe_model
@@ -63,15 +63,7 @@ class HFTeacherEngine(EngineBase):
         self.max_len = facts.max_model_len
         super().__init__(
             config,
-            ServerInfo(
-                role="teacher",
-                model=config.model,
-                revision=facts.revision,
-                backend="hf",
-                vocab_size=facts.vocab_size,
-                tokenizer_fingerprint=facts.tokenizer_fingerprint,
-                max_model_len=facts.max_model_len,
-            ),
+            facts.server_info("teacher", "hf", config.model),
         )
         log.info("hf engine ready: %s on %s, %s", config.model, self.device, self.model.dtype)
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from transformers import AutoConfig, AutoTokenizer
 
+from services.protocol import ServerInfo
 from services.tokenizer_check import tokenizer_fingerprint
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -31,6 +33,19 @@ class ModelFacts:
     vocab_size: int
     tokenizer_fingerprint: str
     max_model_len: int
+
+    def server_info(
+        self, role: Literal["teacher", "rollout"], backend: Literal["vllm", "hf"], model: str
+    ) -> ServerInfo:
+        return ServerInfo(
+            role=role,
+            model=model,
+            revision=self.revision,
+            backend=backend,
+            vocab_size=self.vocab_size,
+            tokenizer_fingerprint=self.tokenizer_fingerprint,
+            max_model_len=self.max_model_len,
+        )
 
 
 def resolve_model_dir(model: str) -> Path:

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from services.protocol import ScoreSequence, SequenceScores, ServerInfo
+from services.protocol import ScoreSequence, SequenceScores
 from teacher_server.config import TeacherServerConfig
 from teacher_server.engine import EngineBase
 from teacher_server.model_files import describe_model
@@ -57,15 +57,7 @@ class VLLMTeacherEngine(EngineBase):
         )
         super().__init__(
             config,
-            ServerInfo(
-                role="teacher",
-                model=config.model,
-                revision=facts.revision,
-                backend="vllm",
-                vocab_size=facts.vocab_size,
-                tokenizer_fingerprint=facts.tokenizer_fingerprint,
-                max_model_len=facts.max_model_len,
-            ),
+            facts.server_info("teacher", "vllm", config.model),
         )
         log.info("vllm engine ready: %s", config.model)
 
