@@ -28,6 +28,7 @@ from transformers import (
 from rollout_server.config import RolloutServerConfig
 from rollout_server.versioned import VersionedEngine
 from rollout_server.weights import StagedWeights, check_probe
+from services.model_files import describe_model
 from services.protocol import (
     Completion,
     FinishReason,
@@ -35,7 +36,6 @@ from services.protocol import (
     SamplingParams,
     WeightProbe,
 )
-from teacher_server.model_files import describe_model
 from trainer.logprobs import selective_log_softmax, sequence_logprobs
 
 log = logging.getLogger(__name__)

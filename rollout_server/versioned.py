@@ -38,6 +38,7 @@ from rollout_server.weights import (
     receive_upload,
     verify_staged,
 )
+from services.model_files import ModelFacts
 from services.protocol import (
     GenerateRequest,
     GenerateResponse,
@@ -49,7 +50,6 @@ from services.protocol import (
     WeightUpdateResponse,
 )
 from services.serving import ApiError
-from teacher_server.model_files import ModelFacts
 
 log = logging.getLogger(__name__)
 Transport = Literal["file", "http", "nccl"]

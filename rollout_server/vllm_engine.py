@@ -24,6 +24,7 @@ from typing import Any
 from rollout_server.config import RolloutServerConfig
 from rollout_server.versioned import VersionedEngine
 from rollout_server.weights import StagedWeights, check_probe
+from services.model_files import describe_model
 from services.protocol import (
     Completion,
     FinishReason,
@@ -32,7 +33,6 @@ from services.protocol import (
     WeightProbe,
 )
 from services.serving import ApiError
-from teacher_server.model_files import describe_model
 
 log = logging.getLogger(__name__)
 GIB = 1024**3

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
+from services.model_files import describe_model
 from services.protocol import ScoreSequence, SequenceScores
 from teacher_server.config import TeacherServerConfig
 from teacher_server.engine import EngineBase
-from teacher_server.model_files import describe_model
 from trainer.logprobs import selective_log_softmax, sequence_logprobs
 
 log = logging.getLogger(__name__)

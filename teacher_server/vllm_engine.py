@@ -13,10 +13,10 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from services.model_files import describe_model
 from services.protocol import ScoreSequence, SequenceScores
 from teacher_server.config import TeacherServerConfig
 from teacher_server.engine import EngineBase
-from teacher_server.model_files import describe_model
 
 log = logging.getLogger(__name__)
 

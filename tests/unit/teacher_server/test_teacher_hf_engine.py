@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from services.model_files import weights_revision
 from services.protocol import ScoreRequest, ScoreSequence
 from services.serving import ApiError
 from services.tiny_models import build_tokenizer, save_tiny_model
@@ -14,7 +15,6 @@ from services.tokenizer_check import tokenizer_fingerprint
 from teacher_server.config import TeacherServerConfig
 from teacher_server.engine import validate_request
 from teacher_server.hf_engine import HFTeacherEngine, plan_micro_batches
-from teacher_server.model_files import weights_revision
 from tests.teacher_support import Reference, assert_logprobs_close, random_sequences
 
 
