@@ -7,7 +7,8 @@ For each model size it starts a vLLM and a transformers rollout server on loopba
 fresh weights to the vLLM server through `RolloutClient.push_weights` over both
 transports (HTTP upload and shared file, probe-verified) and compares the wall time of a
 push with loading the same safetensors file in-process into a transformers model
-(`load_state_dict(load_file(path))`). Every figure is measured in this run; the last two
+(`load_state_dict(load_file(path))`). Staging folders and the shared volume live on
+/dev/shm when it exists (else the temp dir). Every figure is measured in this run; the last two
 lines are the ratios for the largest size (for the update, the slower transport).
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import statistics
 import sys
 import tempfile
@@ -38,13 +40,17 @@ SIZES = {
         max_position_embeddings=512,
     ),
 }  # fmt: skip
+# Staging and the shared volume in RAM when there is a tmpfs (a trainer and a rollout
+# server on one node); on disk, writing the update costs more than loading it.
+RAM_DISK = Path("/dev/shm")
+STAGING = Path(tempfile.mkdtemp(prefix="rlad-bench-", dir=RAM_DISK if RAM_DISK.is_dir() else None))
 PROMPTS = [[(7 * i + j) % 100 + 2 for j in range(16)] for i in range(8)]
 
 
 def start(model: Path, backend: str, logs: Path) -> tuple[ManagedProcess, str]:
     port = free_port()
     argv = [sys.executable, "-m", "services.cli", "serve-rollout", "--model", str(model)]
-    argv += ["--backend", backend, "--port", str(port)]
+    argv += ["--backend", backend, "--port", str(port), "--work-dir", str(STAGING / str(port))]
     if backend == "vllm":
         argv += ["--kv-cache-gib", "1"]
     server = ManagedProcess(backend, argv, logs / f"{backend}-{port}.log").start()
@@ -131,7 +137,7 @@ def main() -> None:
                         model_dir, fresh_state(model_dir, 0), scratch, args.repeats
                     )
                     pushes = {
-                        t: asyncio.run(push_seconds(url, model_dir, t, scratch, args.repeats))
+                        t: asyncio.run(push_seconds(url, model_dir, t, STAGING, args.repeats))
                         for t in ("http", "file")
                     }
             finally:
@@ -147,6 +153,9 @@ def main() -> None:
             f"in-process safetensors load {baseline:.3f}s, ratio (slower transport) {worst:.2f}"
         )
         results.append((ratio, worst))
+    shutil.rmtree(STAGING, ignore_errors=True)
+    shutil.rmtree(scratch, ignore_errors=True)
+    print(f"staging and shared volume: {STAGING.parent}")
     print(f"vllm_vs_hf_tokens_per_s_ratio: {results[-1][0]:.2f}")
     print(f"weight_update_vs_safetensors_load_time_ratio: {results[-1][1]:.2f}")
 

@@ -116,32 +116,35 @@ async def receive_upload(
     digest = hashlib.sha256()
     head = b""
     header: tuple[dict[str, TensorEntry], int] | None = None
-    buffer = bytearray()
-    received = 0
-    iterator = chunks.__aiter__()
-    while True:
-        try:
-            chunk = await asyncio.wait_for(iterator.__anext__(), idle_timeout_s)
-        except StopAsyncIteration:
-            break
-        except TimeoutError:
-            raise ApiError(
-                408, "upload_timeout", f"no bytes for {idle_timeout_s:.0f}s after {received} bytes"
-            ) from None
-        received += len(chunk)
-        if received > max_bytes:
-            raise ApiError(413, "too_large", f"upload exceeds max_weights_bytes ({max_bytes})")
-        if header is None:
-            head += chunk
-            try:
-                header = parse_header(head)
-            except SafetensorsFormatError as exc:
-                raise ApiError(400, "malformed_weights", str(exc)) from None
-        buffer += chunk
-        if len(buffer) >= WRITE_CHUNK:
-            await asyncio.to_thread(_write_and_hash, path, bytes(buffer), digest)
-            buffer.clear()
-    await asyncio.to_thread(_write_and_hash, path, bytes(buffer), digest)
+    pending: list[bytes] = []
+    pending_bytes = received = 0
+    loop = asyncio.get_running_loop()
+    try:
+        # One idle deadline, pushed back on every chunk (no task per chunk).
+        async with asyncio.timeout(idle_timeout_s) as deadline:
+            async for chunk in chunks:
+                deadline.reschedule(loop.time() + idle_timeout_s)
+                received += len(chunk)
+                if received > max_bytes:
+                    raise ApiError(
+                        413, "too_large", f"upload exceeds max_weights_bytes ({max_bytes})"
+                    )
+                if header is None:
+                    head += chunk
+                    try:
+                        header = parse_header(head)
+                    except SafetensorsFormatError as exc:
+                        raise ApiError(400, "malformed_weights", str(exc)) from None
+                pending.append(chunk)
+                pending_bytes += len(chunk)
+                if pending_bytes >= WRITE_CHUNK:
+                    await asyncio.to_thread(_write_and_hash, path, b"".join(pending), digest)
+                    pending, pending_bytes = [], 0
+    except TimeoutError:
+        raise ApiError(
+            408, "upload_timeout", f"no bytes for {idle_timeout_s:.0f}s after {received} bytes"
+        ) from None
+    await asyncio.to_thread(_write_and_hash, path, b"".join(pending), digest)
     if header is None:
         raise ApiError(400, "malformed_weights", f"upload truncated: {received} bytes, no header")
     expected = header[1] + data_size(header[0])

@@ -44,6 +44,7 @@ from services.protocol import (
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 RETRY_STATUSES = {502, 503, 504}
+SEND_CHUNK = 1024 * 1024
 
 
 class RolloutServerError(RuntimeError):
@@ -205,7 +206,10 @@ class RolloutClient:
 
         async def body() -> AsyncIterator[bytes]:
             for chunk in encode_chunks(state_dict)[1]:
-                yield chunk  # type: ignore[misc]  # memoryviews go out without a copy
+                # Slices of 1 MiB, without a copy: the HTTP stack handles one huge buffer
+                # about five times slower than many small ones.
+                for start in range(0, len(chunk), SEND_CHUNK):
+                    yield chunk[start : start + SEND_CHUNK]  # type: ignore[misc]
 
         async def one(url: str) -> WeightUpdateResponse:
             response = await self._send(
