@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from rollout_server.safetensors_io import encode_chunks
 from rollout_server.weights import make_probe, probe_token_ids
@@ -24,20 +24,11 @@ from services.processes import ManagedProcess, free_port
 from services.protocol import GenerateRequest, GenerateResponse, SamplingParams
 from services.rollout_client import RolloutClient, RolloutServerError
 from services.tiny_models import TinyModelConfig, save_tiny_model
+from tests.model_support import perturbed_model
 from trainer.logprobs import sequence_logprobs
 
 API_KEY = "test-key"
 PROBE_IDS = probe_token_ids(128, length=24)
-
-
-def perturbed_model(model_dir: Path, seed: int, scale: float = 0.05) -> PreTrainedModel:
-    """The model of `model_dir` with every weight moved by seeded noise: a 'trained' step."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * scale)
-    return model
 
 
 def assert_produced_by(model: PreTrainedModel, response: GenerateResponse, temperature: float):
