@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import socket
 import sys
 from collections.abc import Iterator
@@ -167,7 +168,17 @@ def raw_upload(url: str, body: bytes, declared_length: int, version: int, wait_s
         sock.sendall(head.encode() + body)
         if wait_s == 0:
             return b""
-        return sock.recv(65536)
+        # Read until the server closes or the declared body has arrived: headers and body
+        # may come in separate packets.
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+            head_end = answer.find(b"\r\n\r\n")
+            if head_end >= 0:
+                match = re.search(rb"content-length: (\d+)", answer[:head_end].lower())
+                if match and len(answer) - head_end - 4 >= int(match.group(1)):
+                    break
+        return answer
 
 
 def test_truncated_and_stalled_uploads_fail_and_the_old_weights_serve(
