@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field
-from tokenizers import Tokenizer, decoders, models
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 PAD = "<pad>"
@@ -41,11 +41,26 @@ SIZES: dict[str, TinyModelConfig] = {
 }
 
 
+def _byte_level(char: str) -> str:
+    """GPT-2's byte-to-unicode alphabet for ASCII: 33..126 stand for themselves, lower
+    bytes are shifted past 255 (space is `Ġ`, newline `Ċ`)."""
+    code = ord(char)
+    return char if 33 <= code <= 126 else chr(256 + code)
+
+
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character: every string of printable ASCII round-trips exactly."""
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(CHARACTERS))}
+    """One token per character: every string of printable ASCII round-trips exactly.
+
+    The vocabulary is written in the byte-level alphabet with a byte-level pre-tokenizer
+    and decoder, because `AutoTokenizer` reloads a Qwen2 model's tokenizer as
+    `Qwen2Tokenizer`, which imposes exactly that pipeline: a plain character vocabulary
+    would silently lose every space and newline on reload.
+    """
+    tokens = SPECIAL_TOKENS + [_byte_level(c) for c in CHARACTERS]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None, fuse_unk=False))
-    core.decoder = decoders.Fuse()
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
     core.add_special_tokens(SPECIAL_TOKENS)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, eos_token=EOS)
     tokenizer.model_max_length = SIZES["student"].max_position_embeddings
