@@ -162,24 +162,43 @@ class Trainer:
         # DeepSpeed averages gradients over ranks; scaling by world size turns that average
         # back into the global-batch normalisation the loss asks for.
         total_tokens, total_sequences = (totals / self.world).tolist()
-        means = WeightedMeans()
-        self.engine.train()
-        for i, batch in enumerate(batches):
-            self.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
-            loss, loss_metrics = self.forward_loss(batch, total_tokens, total_sequences)
-            self.engine.backward(loss, scale_wrt_gas=False)
-            means.add(loss_metrics, weight=batch.num_tokens)
-        norm_before_step = local_grad_norm(self.engine)
-        self.engine.step()
         self.progress.step += 1
-        metrics.update(means.result(self.world))
-        reported = self.engine.get_global_grad_norm()
-        metrics["grad_norm"] = float(reported if reported is not None else norm_before_step or 0.0)
+        metrics["skipped_update"] = float(not self.has_signal(batches))
+        if metrics["skipped_update"]:
+            # Adam would keep moving the weights on its momentum with a zero gradient:
+            # a batch with nothing to learn from must not change the policy at all.
+            metrics["grad_norm"] = 0.0
+        else:
+            means = WeightedMeans()
+            self.engine.train()
+            for i, batch in enumerate(batches):
+                self.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
+                loss, loss_metrics = self.forward_loss(batch, total_tokens, total_sequences)
+                self.engine.backward(loss, scale_wrt_gas=False)
+                means.add(loss_metrics, weight=batch.num_tokens)
+            norm_before_step = local_grad_norm(self.engine)
+            self.engine.step()
+            metrics.update(means.result(self.world))
+            reported = self.engine.get_global_grad_norm()
+            metrics["grad_norm"] = float(
+                reported if reported is not None else norm_before_step or 0
+            )
         metrics["lr"] = float(self.engine.get_lr()[0])
         elapsed = time.perf_counter() - started
         metrics["step_time_s"] = elapsed
         metrics["tokens_per_s"] = totals[0].item() / max(elapsed, 1e-9)
         return metrics
+
+    def has_signal(self, batches: list[MicroBatch]) -> bool:
+        """Whether any rank's batch carries a gradient: a non-zero advantage on a loss token,
+        or a term that does not depend on advantages (KDRL's KD, the KL penalty)."""
+        if self.algorithm.name == "kdrl" or self.algorithm.kl_beta > 0:
+            return True
+        local = any(bool((b.advantages != 0).any()) and b.num_tokens > 0 for b in batches)
+        flag = torch.tensor([float(local)])
+        if self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def forward_loss(
         self, batch: MicroBatch, total_tokens: float, total_sequences: float

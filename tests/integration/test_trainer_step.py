@@ -59,3 +59,31 @@ def full_state_dict_of(path: Path) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+def test_a_batch_without_signal_leaves_the_weights_alone(
+    tmp_path: Path, tiny_student: Path, fresh_redis: redis.Redis
+) -> None:
+    run = RunConfig.model_validate(
+        {
+            "name": "no-signal",
+            "run_dir": str(tmp_path),
+            "student": str(tiny_student),
+            "teacher": str(tiny_student),
+            "task": {"name": "kk"},
+            "algorithm": {"name": "trrd"},
+            "trainer": {"lr": 1e-3},
+        }
+    )
+    trainer = Trainer(run, GroupQueue(fresh_redis), rollout_urls=[])
+    rng = random.Random(3)
+    assert trainer.train_step([scored_group(i, rng) for i in range(2)])["skipped_update"] == 0
+    after_real_step = full_state_dict(trainer.engine, zero_stage=0)
+    flat = [scored_group(i, rng) for i in range(2)]
+    for group in flat:  # every completion rewarded alike: all advantages are zero
+        for completion in group.completions:
+            completion.reward = 1.0
+    # Adam's momentum from the first step would still move the weights if it stepped.
+    assert trainer.train_step(flat)["skipped_update"] == 1
+    for name, value in full_state_dict(trainer.engine, zero_stage=0).items():
+        assert torch.equal(value, after_real_step[name]), name
