@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import typer
@@ -24,6 +25,9 @@ def command(
     from services.up import up
 
     configure_logging("up")
+    # SIGTERM (kill, a supervisor) must stop the children exactly as Ctrl-C does: raising
+    # KeyboardInterrupt runs the clean-up that stops every process group.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     overrides: dict[str, object] = {}
     if steps is not None:
         overrides["trainer.steps"] = steps
