@@ -48,7 +48,13 @@ class BootstrapConfig(BaseModel):
     )
     people: list[int] = Field(default=[2, 3], description="K&K subsets PPL<n> to learn.")
     teacher_steps: int = Field(default=600, ge=1, description="Teacher SFT steps.")
-    student_steps: int = Field(default=60, ge=1, description="Student warm-up steps.")
+    student_steps: int = Field(
+        default=200,
+        ge=1,
+        description="Student warm-up steps. Fewer (60) left a student that follows the format "
+        "greedily but breaks it at temperature 1 (format 0.3), and RL updates on such a "
+        "student mostly push down failed samples, which collapsed it within 10-30 steps.",
+    )
     batch_size: int = Field(default=32, ge=1, description="SFT examples per step.")
     teacher_lr: float = Field(default=3e-3, gt=0)
     student_lr: float = Field(default=3e-3, gt=0)

@@ -1,0 +1,271 @@
+"""The paper's comparison in miniature: GRPO vs KDRL vs RLAD (TRRD) through the real pipeline.
+
+Every arm starts from the same student (`configs/tiny-cpu.yaml`'s bootstrapped pair) and
+gets the same budget (steps × B prompts × G samples); it runs as `rlad up` does (embedded
+Redis, vLLM rollout and teacher servers, scorer, rollout worker, DeepSpeed trainer). When
+the trainer is done the worker stops and the final policy, already loaded in the rollout
+server, is evaluated there on the held-out set: Mean@k per subset. The teacher and the
+student init are evaluated with `rlad eval`. Reported: mean ± std over seeds, the α ablation
+of TRRD (paper Appendix A), reward curves (PNG) and `compare.json`. Finished arms are kept
+in `OUT/arms/` and not run again (delete the folder, or pass --fresh, to redo them).
+
+    python bench/compare.py --seeds 3 --steps 30          # about 5 minutes per arm on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+from transformers import AutoTokenizer
+
+from services.evaluation import EvalConfig, EvalReport, evaluate
+from services.rollout_client import RolloutClient
+from services.run_config import RunConfig
+from services.tasks import load_task
+from services.up import pipeline
+from trainer.metrics_sink import read_metrics
+
+ALGORITHMS: dict[str, dict[str, Any]] = {  # arm name -> overrides of the base config
+    "GRPO": {"algorithm": {"name": "grpo"}, "scorer": {"mode": "passthrough"}},
+    "KDRL": {"algorithm": {"name": "kdrl"}},
+    "RLAD": {"algorithm": {"name": "trrd", "alpha": 0.5}},
+}
+PAPER_TABLE_1 = {"GRPO": 0.76, "KDRL": 0.92, "RLAD": 0.94}  # Qwen3-0.6B, 8K, K&K average
+
+
+class ArmResult(BaseModel):
+    name: str
+    seed: int
+    accuracy: dict[str, float]  # Mean@k per subset and "all"
+    rewards: list[float]  # training reward per step
+    seconds: float
+
+
+def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merged(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def accuracy_of(report: EvalReport) -> dict[str, float]:
+    return {**{s.subset: s.mean_at_k for s in report.subsets}, "all": report.overall.mean_at_k}
+
+
+async def evaluate_served(run: RunConfig, rollout_url: str, eval_config: EvalConfig) -> EvalReport:
+    tokenizer = AutoTokenizer.from_pretrained(run.student)
+    async with RolloutClient(rollout_url) as client:
+        return await evaluate(client, tokenizer, load_task(run.task), eval_config, run.name)
+
+
+def run_arm(
+    base: dict[str, Any], changes: dict[str, Any], name: str, seed: int, eval_config: EvalConfig
+) -> ArmResult:
+    seeded = {"trainer": {"seed": seed}, "rollout": {"seed": seed}, "name": f"{name}-s{seed}"}
+    run = RunConfig.model_validate(merged(merged(base, changes), seeded))
+    started = time.monotonic()
+    with pipeline(run) as running:
+        while running.trainer.alive():
+            running.stack.check()
+            time.sleep(1.0)
+        if running.trainer.wait() != 0:
+            raise RuntimeError(f"{run.name}: trainer failed:\n{running.trainer.tail()}")
+        for proc in running.stack.processes:
+            if proc.name == "rollout-worker":
+                proc.stop()  # the rollout server now serves the final policy to the eval only
+        report = asyncio.run(evaluate_served(run, running.rollout_url, eval_config))
+    rows = read_metrics(run.folder / "metrics.jsonl")
+    return ArmResult(
+        name=name,
+        seed=seed,
+        accuracy=accuracy_of(report),
+        rewards=[row["reward_mean"] for row in rows],
+        seconds=round(time.monotonic() - started, 1),
+    )
+
+
+def eval_model(model: str, config_path: Path, eval_config: EvalConfig, out: Path) -> dict[str, Any]:
+    """`rlad eval` in its own process (the in-process vLLM engine stays out of this one)."""
+    report_path = out / "eval.json"
+    if not report_path.exists():
+        flags = {
+            "--model": model,
+            "--config": config_path,
+            "--k": eval_config.k,
+            "--temperature": eval_config.temperature,
+            "--max-tokens": eval_config.max_tokens,
+            "--limit": eval_config.limit_per_subset,
+            "--out": out,
+        }
+        command = [sys.executable, "-m", "services.cli", "eval"]
+        subprocess.run(command + [str(x) for item in flags.items() for x in item], check=True)
+    return accuracy_of(EvalReport.model_validate_json(report_path.read_text()))
+
+
+def cached_arm(
+    folder: Path,
+    base: dict[str, Any],
+    changes: dict[str, Any],
+    name: str,
+    seed: int,
+    eval_config: EvalConfig,
+) -> ArmResult:
+    path = folder / "arms" / f"{name}-s{seed}.json"
+    if path.exists():
+        return ArmResult.model_validate_json(path.read_text())
+    print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed} ...", flush=True)
+    result = run_arm(base, changes, name, seed, eval_config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(result.model_dump_json(indent=2))
+    print(f"  {name} seed {seed}: {result.accuracy}  ({result.seconds:.0f} s)", flush=True)
+    return result
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summary_rows(
+    arms: dict[str, list[ArmResult]], references: dict[str, dict[str, float]]
+) -> tuple[list[str], list[list[str]]]:
+    subsets = sorted({s for rows in arms.values() for r in rows for s in r.accuracy} - {"all"})
+    header = ["", *subsets, "all", "seeds"]
+    table = [
+        [name, *(f"{acc[s]:.3f}" for s in [*subsets, "all"]), "-"]
+        for name, acc in references.items()
+    ]
+    for name, results in arms.items():
+        cells = []
+        for subset in [*subsets, "all"]:
+            mean, std = mean_std([r.accuracy[subset] for r in results])
+            cells.append(f"{mean:.3f} ± {std:.3f}")
+        table.append([name, *cells, str(len(results))])
+    return header, table
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in header:
+        table.add_column(column, justify="left" if not column else "right")
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    console.width = max(console.width, 120)
+    console.print(table)
+
+
+def plot_rewards(arms: dict[str, list[ArmResult]], path: Path) -> None:
+    """Training reward per step: the mean over seeds, shaded between the extremes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for name, results in arms.items():
+        length = min(len(r.rewards) for r in results)
+        per_step = [[r.rewards[i] for r in results] for i in range(length)]
+        steps = range(1, length + 1)
+        axes.plot(steps, [statistics.fmean(v) for v in per_step], label=name)
+        axes.fill_between(steps, [min(v) for v in per_step], [max(v) for v in per_step], alpha=0.2)
+    axes.set_xlabel("step")
+    axes.set_ylabel("training reward (mean over seeds)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=Path("configs/tiny-cpu.yaml"))
+    parser.add_argument("--out", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--seeds", type=int, default=3, help="Seeds per algorithm.")
+    parser.add_argument("--steps", type=int, default=30, help="Trainer steps per arm.")
+    parser.add_argument("--alphas", default="0.1,0.3,0.5,0.7,0.9", help="TRRD α ablation.")
+    parser.add_argument("--ablation-seeds", type=int, default=1, help="Seeds per ablation α.")
+    parser.add_argument("--k", type=int, default=4, help="Samples per held-out problem.")
+    parser.add_argument("--limit", type=int, default=100, help="Held-out problems per subset.")
+    parser.add_argument("--fresh", action="store_true", help="Forget finished arms first.")
+    args = parser.parse_args()
+
+    if args.fresh and args.out.exists():
+        shutil.rmtree(args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    base = yaml.safe_load(args.config.read_text())
+    base["run_dir"] = str(args.out / "runs")
+    base["trainer"].update(steps=args.steps, checkpoint_every=args.steps)
+    eval_config = EvalConfig(
+        k=args.k, max_tokens=base["rollout"]["max_tokens"], limit_per_subset=args.limit
+    )
+    print(
+        f"compare: {args.seeds} seeds × {list(ALGORITHMS)}, {args.steps} steps of "
+        f"B={base['trainer']['batch_prompts']} × G={base['rollout']['group_size']}; eval "
+        f"Mean@{args.k} on {args.limit} held-out problems per subset, T={eval_config.temperature}"
+    )
+
+    references = {
+        "teacher": eval_model(base["teacher"], args.config, eval_config, args.out / "teacher"),
+        "student init": eval_model(base["student"], args.config, eval_config, args.out / "init"),
+    }
+    arms = {
+        name: [
+            cached_arm(args.out, base, changes, name, seed, eval_config)
+            for seed in range(args.seeds)
+        ]
+        for name, changes in ALGORITHMS.items()
+    }
+    ablation = {}
+    for alpha in [float(a) for a in args.alphas.split(",")]:
+        changes = {"algorithm": {"name": "trrd", "alpha": alpha}}
+        name = "RLAD" if alpha == 0.5 else f"RLAD-a{alpha}"
+        ablation[f"α={alpha}"] = [
+            cached_arm(args.out, base, changes, name, seed, eval_config)
+            for seed in range(args.ablation_seeds)
+        ]
+
+    header, rows = summary_rows(arms, references)
+    for row in rows:
+        if row[0] in PAPER_TABLE_1:
+            row.append(f"{PAPER_TABLE_1[row[0]]:.2f}")
+    print_table(f"held-out Mean@{args.k}", [*header, "paper Table 1"], rows)
+    ablation_header, ablation_rows = summary_rows(ablation, {})
+    print_table("TRRD α ablation", ablation_header, ablation_rows)
+    plot_rewards(arms, args.out / "reward_curves.png")
+    plot_rewards(ablation, args.out / "alpha_ablation.png")
+    (args.out / "compare.json").write_text(
+        json.dumps(
+            {
+                "references": references,
+                "arms": {n: [r.model_dump() for r in rs] for n, rs in arms.items()},
+                "ablation": {n: [r.model_dump() for r in rs] for n, rs in ablation.items()},
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {args.out / 'compare.json'}, reward_curves.png and alpha_ablation.png")
+
+    def overall(name: str) -> float:
+        return statistics.fmean(r.accuracy["all"] for r in arms[name])
+
+    print(f"rlad_minus_grpo_accuracy: {overall('RLAD') - overall('GRPO'):+.3f}")
+    print(f"rlad_minus_kdrl_accuracy: {overall('RLAD') - overall('KDRL'):+.3f}")
+
+
+if __name__ == "__main__":
+    main()
