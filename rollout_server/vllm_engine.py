@@ -21,6 +21,8 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from rollout_server.config import RolloutServerConfig
 from rollout_server.versioned import VersionedEngine
 from rollout_server.weights import StagedWeights, check_probe
@@ -57,13 +59,18 @@ class VLLMRolloutEngine(VersionedEngine):
         if config.kv_cache_gib is not None:
             extra["kv_cache_memory_bytes"] = int(config.kv_cache_gib * GIB)
         if config.nccl_weight_transfer:
-            import torch
             from vllm.config.weight_transfer import WeightTransferConfig
 
             if not torch.cuda.is_available():
                 raise RuntimeError("nccl_weight_transfer needs CUDA GPUs; use file or HTTP updates")
 
             extra["weight_transfer_config"] = WeightTransferConfig(backend="nccl")
+        if not torch.cuda.is_available():
+            # vLLM rewinds a seeded request's generator after a partial (chunked) prefill,
+            # which the CPU generator cannot do: the engine dies with "CPU Generator does
+            # not use offset" once a batch of seeded prompts exceeds max_num_batched_tokens.
+            # Whole-prompt prefills only on the CPU.
+            extra["enable_chunked_prefill"] = False
         args = AsyncEngineArgs(
             model=str(facts.path),
             dtype=config.dtype,

@@ -240,6 +240,23 @@ def test_successive_pushes_serve_exactly_the_pushed_weights(
 
 @pytest.mark.vllm
 @pytest.mark.slow
+def test_seeded_batch_larger_than_one_prefill(vllm_url: str) -> None:
+    """More prompt tokens than one scheduler step takes (2048 on the CPU): with chunked
+    prefill vLLM's CPU build died rewinding the seeded generators."""
+    prompts = [[(7 * i + j) % 120 + 2 for j in range(200)] for i in range(16)]
+    sampling = SamplingParams(n=2, temperature=1.0, max_tokens=4, seed=3)
+
+    async def go() -> GenerateResponse:
+        async with RolloutClient(vllm_url) as client:
+            return await client.generate(GenerateRequest(prompts=prompts, sampling=sampling))
+
+    response = run(go())
+    assert [len(r.completions) for r in response.results] == [2] * 16
+    assert run(sample(vllm_url, n=1, max_tokens=4)).results  # the server still answers
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_seeded_sampling_reproduces(vllm_url: str) -> None:
     def tokens(response: GenerateResponse) -> list[list[int]]:
         return [c.token_ids for r in response.results for c in r.completions]
