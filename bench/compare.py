@@ -37,8 +37,8 @@ from services.up import pipeline
 from trainer.metrics_sink import read_metrics
 
 ALGORITHMS: dict[str, dict[str, Any]] = {  # arm name -> overrides of the base config
-    "GRPO": {"algorithm": {"name": "grpo"}, "scorer": {"mode": "passthrough"}},
-    "KDRL": {"algorithm": {"name": "kdrl"}},
+    "GRPO": {"algorithm": {"name": "grpo", "alpha": 1.0}, "scorer": {"mode": "passthrough"}},
+    "KDRL": {"algorithm": {"name": "kdrl", "alpha": 1.0}},
     "RLAD": {"algorithm": {"name": "trrd", "alpha": 0.5}},
 }
 PAPER_TABLE_1 = {"GRPO": 0.76, "KDRL": 0.92, "RLAD": 0.94}  # Qwen3-0.6B, 8K, K&K average
