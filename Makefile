@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup run test lint typecheck unit bench
+.PHONY: setup run test lint typecheck unit bench compare
 
 setup:
 	bash scripts/setup.sh
@@ -31,3 +31,8 @@ bench: setup
 	$(BIN)/python bench/teacher_scoring.py
 	$(BIN)/python bench/rollout.py
 	$(BIN)/python bench/pipeline.py
+
+# GRPO vs KDRL vs RLAD through the real pipeline (about an hour on 2 CPU cores).
+compare: setup
+	$(BIN)/rlad bootstrap --out artifacts/tiny
+	$(BIN)/python bench/compare.py

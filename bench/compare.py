@@ -9,7 +9,7 @@ student init are evaluated with `rlad eval`. Reported: mean ± std over seeds, t
 of TRRD (paper Appendix A), reward curves (PNG) and `compare.json`. Finished arms are kept
 in `OUT/arms/` and not run again (delete the folder, or pass --fresh, to redo them).
 
-    python bench/compare.py --seeds 3 --steps 30          # about 5 minutes per arm on CPU
+    python bench/compare.py --seeds 3 --steps 20          # 4-8 minutes per arm on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -196,11 +196,11 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("configs/tiny-cpu.yaml"))
     parser.add_argument("--out", type=Path, default=Path("runs/compare"))
     parser.add_argument("--seeds", type=int, default=3, help="Seeds per algorithm.")
-    parser.add_argument("--steps", type=int, default=30, help="Trainer steps per arm.")
+    parser.add_argument("--steps", type=int, default=20, help="Trainer steps per arm.")
     parser.add_argument("--alphas", default="0.1,0.3,0.5,0.7,0.9", help="TRRD α ablation.")
     parser.add_argument("--ablation-seeds", type=int, default=1, help="Seeds per ablation α.")
     parser.add_argument("--k", type=int, default=4, help="Samples per held-out problem.")
-    parser.add_argument("--limit", type=int, default=100, help="Held-out problems per subset.")
+    parser.add_argument("--limit", type=int, default=50, help="Held-out problems per subset.")
     parser.add_argument("--fresh", action="store_true", help="Forget finished arms first.")
     args = parser.parse_args()
 
