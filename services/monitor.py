@@ -152,7 +152,11 @@ def _group_state(client: redis.Redis, stream: str, group: str, now_ms: int) -> G
         lag = len(client.xrange(stream, min=f"({last}", max="+") or [])
     candidates = []
     if int(info["pending"]):
-        candidates.append(_id_ms(client.xpending(stream, group)["min"]))
+        # Read min from the summary itself: the pending entries may be acked between the two
+        # calls, and then the summary's min is None.
+        oldest_pending = client.xpending(stream, group)["min"]
+        if oldest_pending is not None:
+            candidates.append(_id_ms(oldest_pending))
     if undelivered:
         candidates.append(_id_ms(undelivered[0][0]))
     oldest = (now_ms - min(candidates)) / 1000 if candidates else None
