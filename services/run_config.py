@@ -65,6 +65,11 @@ class RunConfig(BaseModel):
     queue: QueueConfig = Field(default_factory=QueueConfig)
     rollout_server: ServerSpec = Field(default_factory=ServerSpec)
     teacher_server: ServerSpec = Field(default_factory=ServerSpec)
+    cpu_placement: bool = Field(
+        default=True,
+        description="`rlad up` without a GPU: the vLLM engines share half of the cores and the "
+        "trainer has the other half (services/cpu_placement.py).",
+    )
 
     @model_validator(mode="after")
     def _teacher_when_needed(self) -> RunConfig:

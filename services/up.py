@@ -23,6 +23,7 @@ from typing import Any
 
 import redis
 
+from services.cpu_placement import placement_for_this_machine
 from services.live_view import LiveView
 from services.plots import plot_curves
 from services.processes import ManagedProcess, free_port
@@ -97,11 +98,14 @@ class Pipeline:
 def launch(
     run: RunConfig, config_path: Path, stack: Stack, redis_url: str, resume: bool
 ) -> Pipeline:
+    placement = placement_for_this_machine(run.cpu_placement)
     rollout_port = free_port()
     rollout_url = f"http://127.0.0.1:{rollout_port}"
     kv = {"VLLM_CPU_KVCACHE_SPACE": str(run.rollout_server.kv_cache_gib)}
     rollout = stack.start(
-        "rollout", *server_args("rollout", run.student, run.rollout_server, rollout_port), env=kv
+        "rollout",
+        *server_args("rollout", run.student, run.rollout_server, rollout_port),
+        env={**kv, **placement.get("rollout", {})},
     )
     teacher_urls = list(run.teacher_urls)
     teacher = None
@@ -113,7 +117,7 @@ def launch(
         teacher = stack.start(
             "teacher",
             *server_args("teacher", run.teacher, run.teacher_server, port),
-            env=kv_teacher,
+            env={**kv_teacher, **placement.get("teacher", {})},
         )
     rollout.wait_healthy(f"{rollout_url}/health")
     if teacher is not None:
@@ -123,7 +127,15 @@ def launch(
     stack.start("scorer", "scorer", *common, *teacher_flags, "--rollout-url", rollout_url)
     stack.start("rollout-worker", "rollout-worker", *common, "--rollout-url", rollout_url)
     train_flags = ["--resume"] if resume else []
-    trainer = stack.start("trainer", "train", *common, "--rollout-url", rollout_url, *train_flags)
+    trainer = stack.start(
+        "trainer",
+        "train",
+        *common,
+        "--rollout-url",
+        rollout_url,
+        *train_flags,
+        env=placement.get("trainer"),
+    )
     return Pipeline(stack, redis_url, rollout_url, teacher_urls, trainer)
 
 

@@ -14,6 +14,7 @@ import redis
 import torch
 from transformers import AutoModelForCausalLM
 
+from services.cpu_placement import available_cores, cpu_placement
 from services.processes import ManagedProcess
 from services.protocol import GenerateRequest, SamplingParams
 from services.rollout_client import RolloutClient
@@ -104,3 +105,9 @@ def test_pipeline_trains_pushes_and_accounts_for_every_group(
         assert key in rows[-1], key
     assert all(r["grad_norm"] > 0 for r in rows)
     assert (run.folder / "logs" / "trainer.log").exists()
+    # Without a GPU the engines keep to their half of the cores (the trainer has the rest), not
+    # where vLLM's automatic binding would put them.
+    bind = cpu_placement(available_cores())["rollout"]["VLLM_CPU_OMP_THREADS_BIND"]
+    assert (
+        f"VLLM_CPU_OMP_THREADS_BIND={bind!r}" in (run.folder / "logs" / "rollout.log").read_text()
+    )
