@@ -47,6 +47,7 @@ class RolloutWorker:
         self.problems: Iterator[Problem] = task.problems("train", seed=config.seed)
         self.requests = itertools.count()
         self.sync_batch = sync_batch  # synchronous mode: groups per trainer step
+        self.served_version = 0  # the policy version of the latest generate response
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(
@@ -66,6 +67,7 @@ class RolloutWorker:
             GenerateRequest(prompts=prompts, sampling=self.sampling())
         )
         now = time.time()
+        self.served_version = response.policy_version
         for problem, result in zip(problems, response.results, strict=True):
             group = self.group(problem, result.prompt_token_ids, result.completions, response)
             group.timestamps["generated"] = now
@@ -106,11 +108,13 @@ class RolloutWorker:
 
     async def run(self, should_stop: Callable[[], bool], max_groups: int | None = None) -> int:
         produced = in_batch = 0
-        batch_version = self.trainer_version()
         while not should_stop() and (max_groups is None or produced < max_groups):
             if self.sync_batch is not None and in_batch >= self.sync_batch:
-                await self.wait_for_new_version(batch_version, should_stop)
-                batch_version, in_batch = self.trainer_version(), 0
+                # The next batch must come from the weights trained on this one: wait for a
+                # version newer than the one that generated it (the trainer's version when
+                # the batch started may already be that one, at start-up).
+                await self.wait_for_new_version(self.served_version, should_stop)
+                in_batch = 0
             await asyncio.to_thread(self.queue.wait_for_room, 0.2, should_stop)
             if should_stop():
                 break

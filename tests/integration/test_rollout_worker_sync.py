@@ -1,0 +1,70 @@
+"""`rollout.synchronous`: every batch comes from the weights trained on the batch before it
+(staleness 0), including the first batches around the trainer's start-up. A real Redis;
+the rollout server is replaced by a function that reports the served version."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis
+
+from services.protocol import Completion, GenerateRequest, GenerateResponse, PromptCompletions
+from services.queue import ROLLOUTS, TRAINER_STATE, GroupQueue, QueueConfig
+from services.rollout_worker import RolloutWorker
+from services.run_config import RolloutWorkerConfig
+from services.tasks import KKTaskConfig, TaskConfig, load_task
+from services.tiny_models import build_tokenizer
+
+BATCH = 2  # groups per trainer step
+STEPS = 3
+
+
+def test_each_synchronous_batch_is_generated_by_the_latest_weights(
+    fresh_redis: redis.Redis,
+) -> None:
+    served = {"version": 1}  # the trainer's start-up push has made the server serve v1
+
+    async def generate(request: GenerateRequest) -> GenerateResponse:
+        assert request.prompts is not None
+        completion = Completion(token_ids=[5, 6], logprobs=[-0.5, -0.5], finish_reason="stop")
+        results = [
+            PromptCompletions(prompt_token_ids=p, completions=[completion] * request.sampling.n)
+            for p in request.prompts
+        ]
+        return GenerateResponse(policy_version=served["version"], results=results)
+
+    queue = GroupQueue(fresh_redis, QueueConfig(max_backlog=100))
+    config = RolloutWorkerConfig(group_size=2, prompts_per_request=BATCH, synchronous=True)
+    task = load_task(TaskConfig(name="kk", kk=KKTaskConfig(people=[2], rendering="compact")))
+    worker = RolloutWorker(config, queue, generate, task, build_tokenizer(), sync_batch=BATCH)
+
+    async def trainer() -> list[tuple[int, list[int]]]:
+        await asyncio.sleep(0.2)  # the worker starts first and produces its first batch
+        fresh_redis.hset(TRAINER_STATE, "policy_version", served["version"])
+        steps = []
+        for _ in range(STEPS):
+            deadline = asyncio.get_running_loop().time() + 10
+            while fresh_redis.xlen(ROLLOUTS) < BATCH:
+                assert asyncio.get_running_loop().time() < deadline, "no batch arrived"
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.3)  # a worker running ahead would publish more meanwhile
+            batch = queue.consume(ROLLOUTS, "trainer", count=100, block_ms=10, reclaim=False)
+            queue.ack(ROLLOUTS, [d.message_id for d in batch])
+            fresh_redis.xtrim(ROLLOUTS, maxlen=0)
+            versions = [d.group.policy_version for d in batch if d.group is not None]
+            steps.append((served["version"], versions))
+            served["version"] += 1  # train, push the new weights, publish the new version
+            fresh_redis.hset(TRAINER_STATE, "policy_version", served["version"])
+        return steps
+
+    async def both() -> list[tuple[int, list[int]]]:
+        stop = asyncio.Event()
+        producing = asyncio.create_task(worker.run(stop.is_set))
+        steps = await trainer()
+        stop.set()
+        await producing
+        return steps
+
+    steps = asyncio.run(both())
+    for trainer_version, versions in steps:
+        assert versions == [trainer_version] * BATCH, steps
