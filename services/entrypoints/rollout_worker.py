@@ -35,8 +35,10 @@ def command(
 
     async def main() -> None:
         async with RolloutClient(rollout_url, api_key=api_key()) as client:
+            # Synchronous mode: one trainer batch (B groups), then wait for the new weights.
+            sync_batch = run.trainer.batch_prompts if run.rollout.synchronous else None
             worker = RolloutWorker(
-                run.rollout, queue, client.generate, load_task(run.task), tokenizer
+                run.rollout, queue, client.generate, load_task(run.task), tokenizer, sync_batch
             )
             await worker.run(stop, max_groups)
 

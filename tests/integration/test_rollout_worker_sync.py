@@ -5,9 +5,15 @@ the rollout server is replaced by a function that reports the served version."""
 from __future__ import annotations
 
 import asyncio
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import redis
+import yaml
 
+from services.processes import ManagedProcess, free_port
 from services.protocol import Completion, GenerateRequest, GenerateResponse, PromptCompletions
 from services.queue import ROLLOUTS, TRAINER_STATE, GroupQueue, QueueConfig
 from services.rollout_worker import RolloutWorker
@@ -15,6 +21,7 @@ from services.run_config import RolloutWorkerConfig
 from services.tasks import KKTaskConfig, TaskConfig, load_task
 from services.tiny_models import build_tokenizer
 
+RLAD = [sys.executable, "-m", "services.cli"]
 BATCH = 2  # groups per trainer step
 STEPS = 3
 
@@ -68,3 +75,55 @@ def test_each_synchronous_batch_is_generated_by_the_latest_weights(
     steps = asyncio.run(both())
     for trainer_version, versions in steps:
         assert versions == [trainer_version] * BATCH, steps
+
+
+def test_the_worker_process_waits_for_new_weights_after_a_batch(
+    fresh_redis: redis.Redis, redis_url: str, tiny_student: Path, tmp_path: Path
+) -> None:
+    """`rlad rollout-worker` with `rollout.synchronous` against a real rollout server:
+    one batch of `trainer.batch_prompts` groups, then nothing until a new version."""
+    port = free_port()
+    serve = ["serve-rollout", "--model", str(tiny_student), "--backend", "hf"]
+    serve += ["--host", "127.0.0.1", "--port", str(port)]
+    server = ManagedProcess("rollout", [*RLAD, *serve], tmp_path / "rollout.log").start()
+    config = {
+        "name": "sync",
+        "run_dir": str(tmp_path / "runs"),
+        "student": str(tiny_student),
+        "task": {"name": "kk", "kk": {"people": [2], "rendering": "compact"}},
+        "algorithm": {"name": "grpo"},
+        "scorer": {"mode": "passthrough"},
+        "trainer": {"batch_prompts": BATCH},
+        "rollout": {
+            "group_size": 2,
+            "prompts_per_request": 1,
+            "max_tokens": 8,
+            "synchronous": True,
+        },
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    url = f"http://127.0.0.1:{port}"
+    argv = [*RLAD, "rollout-worker", "--config", str(path), "--redis-url", redis_url]
+    try:
+        server.wait_healthy(f"{url}/health", timeout_s=120)
+        worker = ManagedProcess("worker", [*argv, "--rollout-url", url], tmp_path / "w.log")
+        worker.start()
+        try:
+            wait_until(lambda: fresh_redis.xlen(ROLLOUTS) >= BATCH, worker)
+            time.sleep(3)  # an asynchronous worker would run on to the backlog bound
+            assert fresh_redis.xlen(ROLLOUTS) == BATCH
+            fresh_redis.hset(TRAINER_STATE, "policy_version", 1)  # as the trainer's push does
+            wait_until(lambda: fresh_redis.xlen(ROLLOUTS) >= 2 * BATCH, worker)
+        finally:
+            worker.stop()
+    finally:
+        server.stop()
+
+
+def wait_until(condition: Callable[[], bool], worker: ManagedProcess) -> None:
+    deadline = time.monotonic() + 60
+    while not condition():
+        worker.check_alive()
+        assert time.monotonic() < deadline, worker.tail()
+        time.sleep(0.1)
