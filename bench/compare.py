@@ -29,7 +29,7 @@ import yaml
 from pydantic import BaseModel
 from transformers import AutoTokenizer
 
-from services.evaluation import EvalConfig, EvalReport, evaluate
+from services.evaluation import EvalConfig, EvalReport, evaluate, print_rows
 from services.rollout_client import RolloutClient
 from services.run_config import RunConfig
 from services.tasks import load_task
@@ -154,20 +154,6 @@ def summary_rows(
     return header, table
 
 
-def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for column in header:
-        table.add_column(column, justify="left" if not column else "right")
-    for row in rows:
-        table.add_row(*row)
-    console = Console()
-    console.width = max(console.width, 120)
-    console.print(table)
-
-
 def plot_rewards(arms: dict[str, list[ArmResult]], path: Path) -> None:
     """Training reward per step: the mean over seeds, shaded between the extremes."""
     import matplotlib
@@ -243,9 +229,9 @@ def main() -> None:
     for row in rows:
         if row[0] in PAPER_TABLE_1:
             row.append(f"{PAPER_TABLE_1[row[0]]:.2f}")
-    print_table(f"held-out Mean@{args.k}", [*header, "paper Table 1"], rows)
+    print_rows(f"held-out Mean@{args.k}", [*header, "paper Table 1"], rows)
     ablation_header, ablation_rows = summary_rows(ablation, {})
-    print_table("TRRD α ablation", ablation_header, ablation_rows)
+    print_rows("TRRD α ablation", ablation_header, ablation_rows)
     plot_rewards(arms, args.out / "reward_curves.png")
     plot_rewards(ablation, args.out / "alpha_ablation.png")
     (args.out / "compare.json").write_text(

@@ -190,11 +190,7 @@ def write_report(report: EvalReport, out_dir: Path) -> tuple[Path, Path]:
 
 
 def print_table(report: EvalReport) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{report.task} — {report.model} (k={report.k})")
-    for column in (
+    header = [
         "subset",
         "problems",
         f"Mean@{report.k}",
@@ -202,10 +198,9 @@ def print_table(report: EvalReport) -> None:
         "format",
         "reward",
         "tokens",
-    ):
-        table.add_column(column, justify="left" if column == "subset" else "right")
-    for row in [*report.subsets, report.overall]:
-        table.add_row(
+    ]
+    rows = [
+        [
             row.subset,
             str(row.problems),
             f"{row.mean_at_k:.3f}",
@@ -213,7 +208,22 @@ def print_table(report: EvalReport) -> None:
             f"{row.format_rate:.2f}",
             f"{row.mean_reward:+.2f}",
             f"{row.mean_tokens:.0f}",
-        )
+        ]
+        for row in [*report.subsets, report.overall]
+    ]
+    print_rows(f"{report.task} — {report.model} (k={report.k})", header, rows)
+
+
+def print_rows(title: str, header: list[str], rows: list[list[str]]) -> None:
+    """A rich table: the first column (names) left-aligned, the figures right-aligned."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, column in enumerate(header):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
     console = Console()
     console.width = max(console.width, 120)  # no truncated columns in logs and pipes
     console.print(table)

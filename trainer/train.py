@@ -169,24 +169,29 @@ class Trainer:
             # a batch with nothing to learn from must not change the policy at all.
             metrics["grad_norm"] = 0.0
         else:
-            means = WeightedMeans()
-            self.engine.train()
-            for i, batch in enumerate(batches):
-                self.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
-                loss, loss_metrics = self.forward_loss(batch, total_tokens, total_sequences)
-                self.engine.backward(loss, scale_wrt_gas=False)
-                means.add(loss_metrics, weight=batch.num_tokens)
-            norm_before_step = local_grad_norm(self.engine)
-            self.engine.step()
-            metrics.update(means.result(self.world))
-            reported = self.engine.get_global_grad_norm()
-            metrics["grad_norm"] = float(
-                reported if reported is not None else norm_before_step or 0
-            )
+            metrics.update(self.update(batches, total_tokens, total_sequences))
         metrics["lr"] = float(self.engine.get_lr()[0])
         elapsed = time.perf_counter() - started
         metrics["step_time_s"] = elapsed
         metrics["tokens_per_s"] = totals[0].item() / max(elapsed, 1e-9)
+        return metrics
+
+    def update(
+        self, batches: list[MicroBatch], total_tokens: float, total_sequences: float
+    ) -> dict[str, float]:
+        """Forward and backward over every micro-batch, then one optimizer step."""
+        means = WeightedMeans()
+        self.engine.train()
+        for i, batch in enumerate(batches):
+            self.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
+            loss, loss_metrics = self.forward_loss(batch, total_tokens, total_sequences)
+            self.engine.backward(loss, scale_wrt_gas=False)
+            means.add(loss_metrics, weight=batch.num_tokens)
+        norm_before_step = local_grad_norm(self.engine)
+        self.engine.step()
+        metrics = means.result(self.world)
+        reported = self.engine.get_global_grad_norm()
+        metrics["grad_norm"] = float(reported if reported is not None else norm_before_step or 0)
         return metrics
 
     def has_signal(self, batches: list[MicroBatch]) -> bool:
