@@ -152,8 +152,8 @@ def _group_state(client: redis.Redis, stream: str, group: str, now_ms: int) -> G
         lag = len(client.xrange(stream, min=f"({last}", max="+") or [])
     candidates = []
     if int(info["pending"]):
-        # Read min from the summary itself: the pending entries may be acked between the two
-        # calls, and then the summary's min is None.
+        # The entries may be acknowledged between XINFO and XPENDING; the summary's min is
+        # then None, and no pending entry has an age.
         oldest_pending = client.xpending(stream, group)["min"]
         if oldest_pending is not None:
             candidates.append(_id_ms(oldest_pending))
