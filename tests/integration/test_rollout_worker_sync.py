@@ -5,9 +5,7 @@ the rollout server is replaced by a function that reports the served version."""
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -20,8 +18,9 @@ from services.rollout_worker import RolloutWorker
 from services.run_config import RolloutWorkerConfig
 from services.tasks import KKTaskConfig, TaskConfig, load_task
 from services.tiny_models import build_tokenizer
+from services.up import RLAD
+from tests.process_support import wait_for
 
-RLAD = [sys.executable, "-m", "services.cli"]
 BATCH = 2  # groups per trainer step
 STEPS = 3
 
@@ -110,20 +109,12 @@ def test_the_worker_process_waits_for_new_weights_after_a_batch(
         worker = ManagedProcess("worker", [*argv, "--rollout-url", url], tmp_path / "w.log")
         worker.start()
         try:
-            wait_until(lambda: fresh_redis.xlen(ROLLOUTS) >= BATCH, worker)
+            wait_for(lambda: fresh_redis.xlen(ROLLOUTS) >= BATCH, 60, worker)
             time.sleep(3)  # an asynchronous worker would run on to the backlog bound
             assert fresh_redis.xlen(ROLLOUTS) == BATCH
             fresh_redis.hset(TRAINER_STATE, "policy_version", 1)  # as the trainer's push does
-            wait_until(lambda: fresh_redis.xlen(ROLLOUTS) >= 2 * BATCH, worker)
+            wait_for(lambda: fresh_redis.xlen(ROLLOUTS) >= 2 * BATCH, 60, worker)
         finally:
             worker.stop()
     finally:
         server.stop()
-
-
-def wait_until(condition: Callable[[], bool], worker: ManagedProcess) -> None:
-    deadline = time.monotonic() + 60
-    while not condition():
-        worker.check_alive()
-        assert time.monotonic() < deadline, worker.tail()
-        time.sleep(0.1)

@@ -18,6 +18,7 @@ import yaml
 from services.processes import ManagedProcess, free_port
 from services.queue import SCORED, GroupQueue
 from tests.integration.groups import scored_group
+from tests.process_support import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -52,14 +53,6 @@ def trainer_process(config: Path, redis_url: str, folder: Path, *extra: str) -> 
         folder / "trainer.log",
         env={"DS_ACCELERATOR": "cpu"},
     ).start()
-
-
-def wait_for(condition: object, timeout_s: float, proc: ManagedProcess) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():  # type: ignore[operator]
-        proc.check_alive()
-        assert time.monotonic() < deadline, f"timed out; log:\n{proc.tail()}"
-        time.sleep(0.2)
 
 
 def test_crash_and_resume_train_every_group_exactly_once(
