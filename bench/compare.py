@@ -7,15 +7,18 @@ the trainer is done the worker stops and the final policy, already loaded in the
 server, is evaluated there on the held-out set: Mean@k per subset. The teacher and the
 student init are evaluated with `rlad eval`. Reported: mean ± std over seeds, the α ablation
 of TRRD (paper Appendix A), reward curves (PNG) and `compare.json`. Finished arms are kept
-in `OUT/arms/` and not run again (delete the folder, or pass --fresh, to redo them).
+in `OUT/arms/` with what they ran (the resolved config, the eval settings and the
+revisions of both models) and not run again while those stay the same (pass --fresh to
+redo them anyway). Teacher and init evaluations are cached the same way.
 
-    python bench/compare.py --seeds 3 --steps 20          # 4-8 minutes per arm on 2 CPU cores
+    python bench/compare.py --seeds 3       # the config's steps; 3-4 minutes per arm on 2 CPU cores
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import shutil
 import statistics
@@ -30,6 +33,7 @@ from pydantic import BaseModel
 from transformers import AutoTokenizer
 
 from services.evaluation import EvalConfig, EvalReport, evaluate, print_rows
+from services.model_files import resolve_model_dir, weights_revision
 from services.rollout_client import RolloutClient
 from services.run_config import RunConfig
 from services.tasks import load_task
@@ -45,6 +49,7 @@ PAPER_TABLE_1 = {"GRPO": 0.76, "KDRL": 0.92, "RLAD": 0.94}  # Qwen3-0.6B, 8K, K&
 
 
 class ArmResult(BaseModel):
+    settings: str  # `settings_key` of what ran
     name: str
     seed: int
     accuracy: dict[str, float]  # Mean@k per subset and "all"
@@ -69,11 +74,24 @@ async def evaluate_served(run: RunConfig, rollout_url: str, eval_config: EvalCon
         return await evaluate(client, tokenizer, load_task(run.task), eval_config, run.name)
 
 
-def run_arm(
-    base: dict[str, Any], changes: dict[str, Any], name: str, seed: int, eval_config: EvalConfig
-) -> ArmResult:
+def settings_key(eval_config: EvalConfig, models: list[str], run: RunConfig | None = None) -> str:
+    """Changes with anything that changes a result: the run, the eval, the models' weights."""
+    settings = {
+        "run": run.model_dump(mode="json", exclude={"run_dir"}) if run else None,
+        "eval": eval_config.model_dump(mode="json"),
+        "models": [weights_revision(resolve_model_dir(model)) for model in models],
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def arm_config(base: dict[str, Any], changes: dict[str, Any], name: str, seed: int) -> RunConfig:
     seeded = {"trainer": {"seed": seed}, "rollout": {"seed": seed}, "name": f"{name}-s{seed}"}
-    run = RunConfig.model_validate(merged(merged(base, changes), seeded))
+    return RunConfig.model_validate(merged(merged(base, changes), seeded))
+
+
+def run_arm(
+    run: RunConfig, name: str, seed: int, eval_config: EvalConfig, settings: str
+) -> ArmResult:
     started = time.monotonic()
     with pipeline(run) as running:
         while running.trainer.alive():
@@ -87,6 +105,7 @@ def run_arm(
         report = asyncio.run(evaluate_served(run, running.rollout_url, eval_config))
     rows = read_metrics(run.folder / "metrics.jsonl")
     return ArmResult(
+        settings=settings,
         name=name,
         seed=seed,
         accuracy=accuracy_of(report),
@@ -97,8 +116,9 @@ def run_arm(
 
 def eval_model(model: str, config_path: Path, eval_config: EvalConfig, out: Path) -> dict[str, Any]:
     """`rlad eval` in its own process (the in-process vLLM engine stays out of this one)."""
-    report_path = out / "eval.json"
-    if not report_path.exists():
+    report_path, key_path = out / "eval.json", out / "settings"
+    key = settings_key(eval_config, [model])
+    if not report_path.exists() or not key_path.exists() or key_path.read_text() != key:
         flags = {
             "--model": model,
             "--config": config_path,
@@ -110,6 +130,7 @@ def eval_model(model: str, config_path: Path, eval_config: EvalConfig, out: Path
         }
         command = [sys.executable, "-m", "services.cli", "eval"]
         subprocess.run(command + [str(x) for item in flags.items() for x in item], check=True)
+        key_path.write_text(key)
     return accuracy_of(EvalReport.model_validate_json(report_path.read_text()))
 
 
@@ -122,10 +143,14 @@ def cached_arm(
     eval_config: EvalConfig,
 ) -> ArmResult:
     path = folder / "arms" / f"{name}-s{seed}.json"
+    run = arm_config(base, changes, name, seed)
+    key = settings_key(eval_config, [m for m in (run.student, run.teacher) if m], run)
     if path.exists():
-        return ArmResult.model_validate_json(path.read_text())
+        done = ArmResult.model_validate_json(path.read_text())
+        if done.settings == key:
+            return done
     print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed} ...", flush=True)
-    result = run_arm(base, changes, name, seed, eval_config)
+    result = run_arm(run, name, seed, eval_config, key)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(result.model_dump_json(indent=2))
     print(f"  {name} seed {seed}: {result.accuracy}  ({result.seconds:.0f} s)", flush=True)
@@ -182,7 +207,9 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("configs/tiny-cpu.yaml"))
     parser.add_argument("--out", type=Path, default=Path("runs/compare"))
     parser.add_argument("--seeds", type=int, default=3, help="Seeds per algorithm.")
-    parser.add_argument("--steps", type=int, default=20, help="Trainer steps per arm.")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="Trainer steps per arm (default: the config's)."
+    )
     parser.add_argument("--alphas", default="0.1,0.3,0.5,0.7,0.9", help="TRRD α ablation.")
     parser.add_argument("--ablation-seeds", type=int, default=1, help="Seeds per ablation α.")
     parser.add_argument("--k", type=int, default=4, help="Samples per held-out problem.")
@@ -195,12 +222,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     base = yaml.safe_load(args.config.read_text())
     base["run_dir"] = str(args.out / "runs")
-    base["trainer"].update(steps=args.steps, checkpoint_every=args.steps)
+    steps = args.steps or base["trainer"]["steps"]
+    base["trainer"].update(steps=steps, checkpoint_every=steps)
     eval_config = EvalConfig(
         k=args.k, max_tokens=base["rollout"]["max_tokens"], limit_per_subset=args.limit
     )
     print(
-        f"compare: {args.seeds} seeds × {list(ALGORITHMS)}, {args.steps} steps of "
+        f"compare: {args.seeds} seeds × {list(ALGORITHMS)}, {steps} steps of "
         f"B={base['trainer']['batch_prompts']} × G={base['rollout']['group_size']}; eval "
         f"Mean@{args.k} on {args.limit} held-out problems per subset, T={eval_config.temperature}"
     )

@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from services.bootstrap import STAMP, BootstrapConfig
+from services.bootstrap import STAMP, BootstrapConfig, bootstrap
 from services.tasks import KKTaskConfig
 from services.tasks.kk import KKTask
 
@@ -42,6 +42,9 @@ def rlad(*args: str, timeout: float = 600) -> str:
     return stdout
 
 
+ROLES = ("teacher", "student")
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("bootstrap") / "tiny"
@@ -53,7 +56,7 @@ def test_bootstrap_writes_loadable_teacher_and_student(tiny: tuple[Path, str]) -
     assert "teacher accuracy" in printed and "student accuracy" in printed
     stamp = json.loads((out / STAMP).read_text())
     sizes = {}
-    for role in ("teacher", "student"):
+    for role in ROLES:
         model = AutoModelForCausalLM.from_pretrained(out / role)
         tokenizer = AutoTokenizer.from_pretrained(out / role)
         config = model.config
@@ -76,13 +79,20 @@ def test_bootstrap_skips_work_when_complete(tiny: tuple[Path, str]) -> None:
     assert (out / "teacher" / "model.safetensors").stat().st_mtime_ns == before
 
 
-def test_cache_stamp_tracks_settings(tmp_path: Path) -> None:
-    small = BootstrapConfig.for_budget(tmp_path, 0, "small")
-    assert (
-        small.fingerprint() == BootstrapConfig.for_budget(tmp_path / "x", 0, "small").fingerprint()
+def test_a_student_setting_rebuilds_the_student_alone(tiny: tuple[Path, str]) -> None:
+    out, _ = tiny
+    mtimes = {role: (out / role / "model.safetensors").stat().st_mtime_ns for role in ROLES}
+    changed = BootstrapConfig.for_budget(out, 0, "small").model_copy(
+        update={"bare_answer_share": 0.0}
     )
-    assert small.fingerprint() != BootstrapConfig.for_budget(tmp_path, 1, "small").fingerprint()
-    assert small.fingerprint() != BootstrapConfig.for_budget(tmp_path, 0, "full").fingerprint()
+    logs: list[str] = []
+    result = bootstrap(changed, log=logs.append)
+    assert any("teacher is up to date" in line for line in logs)
+    assert (out / "teacher" / "model.safetensors").stat().st_mtime_ns == mtimes["teacher"]
+    assert (out / "student" / "model.safetensors").stat().st_mtime_ns != mtimes["student"]
+    stamp = json.loads((out / STAMP).read_text())
+    assert stamp["student"]["fingerprint"] == result.student.fingerprint
+    assert stamp["teacher"]["fingerprint"] == result.teacher.fingerprint
 
 
 @pytest.mark.vllm
