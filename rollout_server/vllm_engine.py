@@ -216,3 +216,6 @@ class VLLMRolloutEngine(VersionedEngine):
 
     def _close(self) -> None:
         self.llm.shutdown()
+        # Let the engine go now: its __del__ shuts down once more, which raises (a printed
+        # traceback at every exit) if it waits for interpreter teardown to clear vLLM's globals.
+        del self.llm

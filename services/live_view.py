@@ -13,9 +13,40 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from services.plots import running_mean
 from services.queue import DEAD, ROLLOUTS, SCORED, GroupQueue
 from services.run_config import RunConfig
 from trainer.metrics_sink import read_metrics
+
+WINDOW = 10  # steps averaged: one batch's mean reward is noisy
+BARS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], width: int = 40) -> str:
+    """One bar per value (the values averaged into `width` buckets when there are more)."""
+    if not values:
+        return ""
+    buckets = min(width, len(values))
+    means = [
+        sum(chunk) / len(chunk)
+        for i in range(buckets)
+        if (chunk := values[i * len(values) // buckets : (i + 1) * len(values) // buckets])
+    ]
+    low, span = min(means), max(means) - min(means)
+    if span == 0:
+        return BARS[0] * len(means)
+    return "".join(BARS[round((m - low) / span * (len(BARS) - 1))] for m in means)
+
+
+def trend(rows: list[dict[str, Any]], key: str, form: str) -> str:
+    """The last step's value, the mean of the last `WINDOW` steps and of the first ones."""
+    values = [float(r[key]) for r in rows]
+    recent = running_mean(values, WINDOW)[-1]
+    opening = sum(values[:WINDOW]) / len(values[:WINDOW])
+    return (
+        f"{form.format(values[-1])}  · last {WINDOW}: {form.format(recent)}"
+        f"  · first {WINDOW}: {form.format(opening)}"
+    )
 
 
 class LiveView:
@@ -56,11 +87,11 @@ class LiveView:
         last = rows[-1] if rows else {}
         stats = self.queue.stats()
         depths = {name: int(self.redis.xlen(name)) for name in (ROLLOUTS, SCORED, DEAD)}
-        return {"last": last, "first": rows[0] if rows else {}, "stats": stats, "depths": depths}
+        return {"rows": rows, "last": last, "stats": stats, "depths": depths}
 
     def render(self) -> Table:
         snap = self.snapshot()
-        last, first, stats, depths = snap["last"], snap["first"], snap["stats"], snap["depths"]
+        rows, last, stats, depths = snap["rows"], snap["last"], snap["stats"], snap["depths"]
         table = Table(title=f"rlad up · {self.run.name} · {self.run.algorithm.name}", min_width=60)
         table.add_column("", style="bold")
         table.add_column("")
@@ -68,13 +99,10 @@ class LiveView:
         table.add_row("phase", f"{self.phase}  ({elapsed:.0f}s)")
         table.add_row("step", f"{last.get('step', 0)} / {self.run.trainer.steps}")
         if last:
-            table.add_row(
-                "reward", f"{last['reward_mean']:+.3f}  (step 1: {first['reward_mean']:+.3f})"
-            )
-            if "accuracy" in last:
-                table.add_row(
-                    "accuracy", f"{last['accuracy']:.2f}  (step 1: {first['accuracy']:.2f})"
-                )
+            table.add_row("reward", trend(rows, "reward_mean", "{:+.3f}"))
+            table.add_row("", sparkline([r["reward_mean"] for r in rows]))
+            if all("accuracy" in r for r in rows):
+                table.add_row("accuracy", trend(rows, "accuracy", "{:.2f}"))
             table.add_row(
                 "staleness", f"mean {last['staleness_mean']:.2f}, max {last['staleness_max']:.0f}"
             )
@@ -98,7 +126,7 @@ class LiveView:
             self.last_line = time.monotonic()
             snap = self.snapshot()
             last = snap["last"]
-            reward = f"reward {last['reward_mean']:+.3f} " if last else ""
+            reward = f"reward {trend(snap['rows'], 'reward_mean', '{:+.3f}')} " if last else ""
             self.console.print(
                 f"[rlad up] {self.phase}: step {last.get('step', 0)}/{self.run.trainer.steps} "
                 f"{reward}queues {snap['depths']} groups {snap['stats']}"
