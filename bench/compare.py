@@ -11,7 +11,7 @@ in `OUT/arms/` with what they ran (the resolved config, the eval settings and th
 revisions of both models) and not run again while those stay the same (pass --fresh to
 redo them anyway). Teacher and init evaluations are cached the same way.
 
-    python bench/compare.py --seeds 3       # the config's steps; 3-4 minutes per arm on 2 CPU cores
+    python bench/compare.py --seeds 3    # the config's steps; about 2 minutes an arm on 2 cores
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from transformers import AutoTokenizer
 
 from services.evaluation import EvalConfig, EvalReport, evaluate, print_rows
 from services.model_files import resolve_model_dir, weights_revision
+from services.plots import running_mean
 from services.rollout_client import RolloutClient
 from services.run_config import RunConfig
 from services.tasks import load_task
@@ -45,6 +46,7 @@ ALGORITHMS: dict[str, dict[str, Any]] = {  # arm name -> overrides of the base c
     "KDRL": {"algorithm": {"name": "kdrl", "alpha": 1.0}},
     "RLAD": {"algorithm": {"name": "trrd", "alpha": 0.5}},
 }
+WINDOW = 10  # steps in the running mean of the reward curves
 PAPER_TABLE_1 = {"GRPO": 0.76, "KDRL": 0.92, "RLAD": 0.94}  # Qwen3-0.6B, 8K, K&K average
 
 
@@ -164,23 +166,27 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def summary_rows(
     arms: dict[str, list[ArmResult]], references: dict[str, dict[str, float]]
 ) -> tuple[list[str], list[list[str]]]:
+    """Held-out accuracy per subset, and the training reward over the first and the last
+    `WINDOW` steps; mean ± std over seeds."""
     subsets = sorted({s for rows in arms.values() for r in rows for s in r.accuracy} - {"all"})
-    header = ["", *subsets, "all", "seeds"]
+    header = ["", *subsets, "all", f"reward, first {WINDOW}", f"reward, last {WINDOW}", "seeds"]
     table = [
-        [name, *(f"{acc[s]:.3f}" for s in [*subsets, "all"]), "-"]
+        [name, *(f"{acc[s]:.3f}" for s in [*subsets, "all"]), "-", "-", "-"]
         for name, acc in references.items()
     ]
     for name, results in arms.items():
-        cells = []
-        for subset in [*subsets, "all"]:
-            mean, std = mean_std([r.accuracy[subset] for r in results])
-            cells.append(f"{mean:.3f} ± {std:.3f}")
+        columns = [[r.accuracy[subset] for r in results] for subset in [*subsets, "all"]]
+        cells = ["{:.3f} ± {:.3f}".format(*mean_std(values)) for values in columns]
+        for window in (slice(None, WINDOW), slice(-WINDOW, None)):
+            rewards = [statistics.fmean(r.rewards[window]) for r in results]
+            cells.append("{:+.2f} ± {:.2f}".format(*mean_std(rewards)))
         table.append([name, *cells, str(len(results))])
     return header, table
 
 
 def plot_rewards(arms: dict[str, list[ArmResult]], path: Path) -> None:
-    """Training reward per step: the mean over seeds, shaded between the extremes."""
+    """Training reward per step, as a running mean over `WINDOW` steps (one batch is noisy):
+    the mean over seeds, shaded between the seeds' extremes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,12 +195,13 @@ def plot_rewards(arms: dict[str, list[ArmResult]], path: Path) -> None:
     figure, axes = plt.subplots(figsize=(7, 4))
     for name, results in arms.items():
         length = min(len(r.rewards) for r in results)
-        per_step = [[r.rewards[i] for r in results] for i in range(length)]
+        smoothed = [running_mean(r.rewards[:length], WINDOW) for r in results]
+        per_step = [[curve[i] for curve in smoothed] for i in range(length)]
         steps = range(1, length + 1)
         axes.plot(steps, [statistics.fmean(v) for v in per_step], label=name)
         axes.fill_between(steps, [min(v) for v in per_step], [max(v) for v in per_step], alpha=0.2)
     axes.set_xlabel("step")
-    axes.set_ylabel("training reward (mean over seeds)")
+    axes.set_ylabel(f"training reward, mean of {WINDOW} steps")
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
