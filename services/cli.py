@@ -10,6 +10,8 @@ import importlib
 
 import typer
 
+from services.cpu_placement import pin_to_assigned_cores
+
 app = typer.Typer(
     name="rlad",
     help="Reinforcement-aware distillation: RL post-training with a teacher in the loop.",
@@ -31,6 +33,13 @@ COMMANDS: list[tuple[str, str]] = [
     ("eval", "eval"),
     ("bootstrap", "bootstrap"),
 ]
+
+
+@app.callback()
+def _start() -> None:
+    # Before any subcommand creates a thread: threads and children inherit the affinity.
+    pin_to_assigned_cores()
+
 
 for _name, _module in COMMANDS:
     app.command(_name)(importlib.import_module(f"services.entrypoints.{_module}").command)

@@ -98,7 +98,7 @@ class Pipeline:
 def launch(
     run: RunConfig, config_path: Path, stack: Stack, redis_url: str, resume: bool
 ) -> Pipeline:
-    placement = placement_for_this_machine(run.cpu_placement)
+    placement = placement_for_this_machine(run.cpu_placement, run.teacher_server.backend)
     rollout_port = free_port()
     rollout_url = f"http://127.0.0.1:{rollout_port}"
     kv = {"VLLM_CPU_KVCACHE_SPACE": str(run.rollout_server.kv_cache_gib)}

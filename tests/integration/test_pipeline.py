@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import redis
 import torch
 from transformers import AutoModelForCausalLM
 
-from services.cpu_placement import available_cores, cpu_placement
+from services.cpu_placement import CORES_ENV, available_cores, cpu_placement
 from services.processes import ManagedProcess
 from services.protocol import GenerateRequest, SamplingParams
 from services.rollout_client import RolloutClient
@@ -47,6 +48,10 @@ def tiny_run(folder: Path, student: Path, teacher: Path) -> RunConfig:
     )
 
 
+def cores_of(id_list: str) -> set[int]:
+    return {int(core) for core in id_list.split(",")}
+
+
 def wait_for_exit(trainer: ManagedProcess, processes: list[ManagedProcess]) -> int:
     deadline = time.monotonic() + 600
     while trainer.alive():
@@ -75,6 +80,13 @@ def test_pipeline_trains_pushes_and_accounts_for_every_group(
     run = tiny_run(tmp_path, tiny_student, tiny_teacher)
     with pipeline(run) as running:
         assert wait_for_exit(running.trainer, running.stack.processes) == 0, running.trainer.tail()
+        # Without a GPU each server is pinned to its cores: the rollout engine to the first
+        # half, the transformers teacher beside the trainer.
+        placement = cpu_placement(available_cores(), "hf")
+        for proc in running.stack.processes:
+            if proc.name in ("rollout", "teacher"):
+                assigned = placement[proc.name][CORES_ENV]
+                assert os.sched_getaffinity(proc.pid) == cores_of(assigned), proc.name
         # After the last step the rollout server serves exactly the trainer's final weights:
         # its sampling logprobs equal a transformers forward pass of the exported model.
         prompt = [5, 6, 7, 8]
@@ -107,7 +119,7 @@ def test_pipeline_trains_pushes_and_accounts_for_every_group(
     assert (run.folder / "logs" / "trainer.log").exists()
     # Without a GPU the engines keep to their half of the cores (the trainer has the rest), not
     # where vLLM's automatic binding would put them.
-    bind = cpu_placement(available_cores())["rollout"]["VLLM_CPU_OMP_THREADS_BIND"]
+    bind = cpu_placement(available_cores(), "hf")["rollout"]["VLLM_CPU_OMP_THREADS_BIND"]
     assert (
         f"VLLM_CPU_OMP_THREADS_BIND={bind!r}" in (run.folder / "logs" / "rollout.log").read_text()
     )
