@@ -221,14 +221,13 @@ def bootstrap(config: BootstrapConfig, log: Callable[[str], None] = print) -> Bo
         model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
         log(f"{role}: accuracy {scores[role].accuracy}, reward {scores[role].mean_reward:+.2f}")
-        # Stamped at once, so that an interrupted run keeps the teacher's many minutes.
+        # The stamp, written after each model, so that an interrupted run keeps the teacher's
+        # many minutes.
         stamp = {r: score.model_dump() for r, score in scores.items()}
         (config.out / STAMP).write_text(json.dumps(stamp, indent=2))
-    result = BootstrapResult(
+    return BootstrapResult(
         teacher=scores["teacher"],
         student=scores["student"],
         teacher_dir=str(config.out / "teacher"),
         student_dir=str(config.out / "student"),
     )
-    (config.out / STAMP).write_text(result.model_dump_json(indent=2))
-    return result

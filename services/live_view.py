@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 from types import TracebackType
@@ -13,7 +14,6 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from services.plots import running_mean
 from services.queue import DEAD, ROLLOUTS, SCORED, GroupQueue
 from services.run_config import RunConfig
 from trainer.metrics_sink import read_metrics
@@ -41,8 +41,7 @@ def sparkline(values: list[float], width: int = 40) -> str:
 def trend(rows: list[dict[str, Any]], key: str, form: str) -> str:
     """The last step's value, the mean of the last `WINDOW` steps and of the first ones."""
     values = [float(r[key]) for r in rows]
-    recent = running_mean(values, WINDOW)[-1]
-    opening = sum(values[:WINDOW]) / len(values[:WINDOW])
+    recent, opening = statistics.fmean(values[-WINDOW:]), statistics.fmean(values[:WINDOW])
     return (
         f"{form.format(values[-1])}  · last {WINDOW}: {form.format(recent)}"
         f"  · first {WINDOW}: {form.format(opening)}"
