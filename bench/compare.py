@@ -32,13 +32,13 @@ import yaml
 from pydantic import BaseModel
 from transformers import AutoTokenizer
 
-from services.evaluation import EvalConfig, EvalReport, evaluate, print_rows
-from services.model_files import resolve_model_dir, weights_revision
-from services.plots import running_mean
-from services.rollout_client import RolloutClient
-from services.run_config import RunConfig
+from services.clients.rollout import RolloutClient
+from services.common.model_files import resolve_model_dir, weights_revision
+from services.config.run import RunConfig
+from services.evaluation.evaluate import EvalConfig, EvalReport, evaluate, print_rows
+from services.launch.plots import running_mean
+from services.launch.up import pipeline
 from services.tasks import load_task
-from services.up import pipeline
 from trainer.metrics_sink import read_metrics
 
 ALGORITHMS: dict[str, dict[str, Any]] = {  # arm name -> overrides of the base config
@@ -130,7 +130,7 @@ def eval_model(model: str, config_path: Path, eval_config: EvalConfig, out: Path
             "--limit": eval_config.limit_per_subset,
             "--out": out,
         }
-        command = [sys.executable, "-m", "services.cli", "eval"]
+        command = [sys.executable, "-m", "services.cli.main", "eval"]
         subprocess.run(command + [str(x) for item in flags.items() for x in item], check=True)
         key_path.write_text(key)
     return accuracy_of(EvalReport.model_validate_json(report_path.read_text()))

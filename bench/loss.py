@@ -6,7 +6,7 @@
     process's CPU time with one intra-op thread, so that other work on a shared machine
     does not enter the figures; the best of `--repeats` runs is compared.
 (b) Peak live tensor memory beyond the logits while computing per-token logprobs from
-    [rows, vocab] logits: `trainer.logprobs.selective_log_softmax` vs
+    [rows, vocab] logits: `services.common.logprobs.selective_log_softmax` vs
     `log_softmax(...).gather(...)`; forward with autograd on (the trainer's case: what is
     kept for backward counts, the headline), without autograd (the servers' case), and
     forward + backward. Measured from the profiler's allocation records, so that the
@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from services.common.logprobs import selective_log_softmax
 from trainer.advantages import group_advantages
 from trainer.algorithm import AlgorithmConfig
-from trainer.logprobs import selective_log_softmax
 from trainer.loss import LossInputs, policy_loss
 
 GROUP_SIZE = 8

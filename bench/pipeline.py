@@ -24,11 +24,11 @@ from typing import Any
 import redis
 import yaml
 
-from services.protocol import CompletionRecord, RolloutGroup
-from services.queue import ROLLOUTS, GroupQueue, embedded_url, start_embedded_redis
-from services.run_config import RunConfig
-from services.tiny_models import save_tiny_model
-from services.up import up
+from services.bootstrap.tiny_models import save_tiny_model
+from services.common.protocol import CompletionRecord, RolloutGroup
+from services.config.run import RunConfig
+from services.launch.up import up
+from services.queue.streams import ROLLOUTS, GroupQueue, embedded_url, start_embedded_redis
 from trainer.metrics_sink import read_metrics
 
 WARMUP_STEPS = 2

@@ -27,11 +27,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from rollout_server.weights import make_probe, probe_token_ids
-from services.processes import ManagedProcess, free_port
-from services.protocol import GenerateRequest, SamplingParams
-from services.rollout_client import RolloutClient
-from services.tiny_models import TinyModelConfig, save_tiny_model
+from services.bootstrap.tiny_models import TinyModelConfig, save_tiny_model
+from services.clients.rollout import RolloutClient
+from services.common.protocol import GenerateRequest, SamplingParams
+from services.common.runtime import free_port
+from services.launch.processes import ManagedProcess
+from services.weights.probe import make_probe, probe_token_ids
 
 SIZES = {
     "small": TinyModelConfig(max_position_embeddings=512),
@@ -49,7 +50,7 @@ PROMPTS = [[(7 * i + j) % 100 + 2 for j in range(16)] for i in range(8)]
 
 def start(model: Path, backend: str, logs: Path) -> tuple[ManagedProcess, str]:
     port = free_port()
-    argv = [sys.executable, "-m", "services.cli", "serve-rollout", "--model", str(model)]
+    argv = [sys.executable, "-m", "services.cli.main", "serve-rollout", "--model", str(model)]
     argv += ["--backend", backend, "--port", str(port), "--work-dir", str(STAGING / str(port))]
     if backend == "vllm":
         argv += ["--kv-cache-gib", "1"]

@@ -26,12 +26,13 @@ from pathlib import Path
 
 import torch
 
-from services.processes import ManagedProcess, free_port
-from services.protocol import ScoreRequest, ScoreSequence
-from services.teacher_client import TeacherClient
-from services.tiny_models import save_tiny_model
+from services.bootstrap.tiny_models import save_tiny_model
+from services.clients.teacher import TeacherClient
+from services.common.protocol import ScoreRequest, ScoreSequence
+from services.common.runtime import free_port
+from services.launch.processes import ManagedProcess
+from teacher_server.backends import load_engine
 from teacher_server.config import TeacherServerConfig
-from teacher_server.engine import load_engine
 
 RLAD = str(Path(sys.executable).parent / "rlad")
 VOCAB = 128

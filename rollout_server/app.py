@@ -28,11 +28,13 @@ from fastapi.responses import Response
 from prometheus_client import CollectorRegistry
 from starlette.requests import ClientDisconnect
 
+from rollout_server.backends import load_engine
 from rollout_server.config import RolloutServerConfig
-from rollout_server.engine import RolloutEngine, load_engine
 from rollout_server.metrics import RolloutMetrics
-from rollout_server.weights import UPLOAD_FILE
-from services.protocol import (
+from rollout_server.rollout_engine import RolloutEngine
+from rollout_server.staging import UPLOAD_FILE
+from services.common.http_server import ApiError, check_auth, create_base_app, read_body, respond
+from services.common.protocol import (
     GenerateRequest,
     GenerateResponse,
     NcclFinishRequest,
@@ -44,7 +46,6 @@ from services.protocol import (
     WeightUpdateRequest,
     WeightUpdateResponse,
 )
-from services.serving import ApiError, check_auth, create_base_app, read_body, respond
 
 DESCRIPTION = """Samples completions with the current student weights and accepts
 versioned, verified weight updates. Bodies are JSON or msgpack (`application/msgpack`);

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.serving import LOOPBACK_HOSTS
+from services.common.http_server import LOOPBACK_HOSTS
 
 
 class RolloutServerConfig(BaseSettings):

@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-from services.serving import ApiError
+from services.common.http_server import ApiError
 
 
 class VersionGate:

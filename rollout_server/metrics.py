@@ -11,7 +11,7 @@ from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.protocol import GenerateResponse, WeightUpdateResponse
+from services.common.protocol import GenerateResponse, WeightUpdateResponse
 
 
 class RolloutMetrics:

@@ -1,23 +1,14 @@
 """vLLM's native NCCL weight transfer, for GPU clusters only (`--nccl-weight-transfer`).
 
 Optional: nothing else imports this module unless a vLLM server runs with the flag on a
-machine with CUDA. Both ends of the control plane live here:
+machine with CUDA. This is the server's end of the control plane; the trainer's end is
+`services.weights.nccl_client.NcclSyncClient`.
 
-- server: `NcclUpdates` serves `POST /v1/weights/nccl/{init,start,update,finish}` and
-  holds the version gate from `start` to `finish`, so NCCL updates keep the guarantees
-  of the file and HTTP transports: new requests wait, in-flight ones finish or abort,
-  the probe must match before the version changes, and a failure restores the last
-  weights kept on disk. A watchdog releases the gate if `finish` never comes.
-- trainer: `NcclSyncClient` is the `VLLMWeightSyncClient` that vLLM's
-  `NCCLTrainerWeightTransferEngine` drives; set `version` and `probe`, call
-  `send_weights()`, read `last_response`:
-
-      sync = NcclSyncClient(url, api_key)
-      engine = NCCLTrainerWeightTransferEngine.trainer_init(
-          NCCLTrainerInitInfo(master_address=ip, master_port=port, world_size=2),
-          client=sync, source=ModuleSource(model))
-      sync.version, sync.probe = 7, make_probe(model, ids)
-      engine.send_weights()
+`NcclUpdates` serves `POST /v1/weights/nccl/{init,start,update,finish}` and holds the
+version gate from `start` to `finish`, so NCCL updates keep the guarantees of the file and
+HTTP transports: new requests wait, in-flight ones finish or abort, the probe must match
+before the version changes, and a failure restores the last weights kept on disk. A
+watchdog releases the gate if `finish` never comes.
 
 NCCL weights exist only in GPU memory; until the next file or HTTP update, a failed
 update cannot restore them and answers 500 (see `VLLMRolloutEngine.restore_after`).
@@ -28,13 +19,12 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import httpx
 import torch
 
-from rollout_server.weights import check_probe
-from services.protocol import (
+from services.common.http_server import ApiError
+from services.common.protocol import (
     NcclFinishRequest,
     NcclInitRequest,
     NcclStartRequest,
@@ -42,10 +32,10 @@ from services.protocol import (
     WeightProbe,
     WeightUpdateResponse,
 )
-from services.serving import ApiError
+from services.weights.probe import check_probe
 
 if TYPE_CHECKING:
-    from rollout_server.vllm_engine import VLLMRolloutEngine
+    from rollout_server.vllm_backend import VLLMRolloutEngine
 
 
 class NcclUpdates:
@@ -138,35 +128,3 @@ class NcclUpdates:
         if self._held is not None:  # the trainer vanished mid-update
             await self.engine.restore_after(TimeoutError("NCCL update never finished"))
             await self._release()
-
-
-class NcclSyncClient:
-    """Trainer side: vLLM's `VLLMWeightSyncClient` over this server's NCCL routes."""
-
-    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 600.0) -> None:
-        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
-        self.version: int | None = None
-        self.probe: WeightProbe | None = None
-        self.last_response: WeightUpdateResponse | None = None
-
-    def _post(self, path: str, body: Any) -> httpx.Response:
-        response = self._http.post(f"/v1/weights/nccl/{path}", content=body.model_dump_json())
-        if response.status_code >= 400:
-            raise RuntimeError(f"NCCL {path} refused: {response.status_code} {response.text}")
-        return response
-
-    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
-        self._post("init", NcclInitRequest(init_info=init_info))
-
-    def start_weight_update(self) -> None:
-        if self.version is None:
-            raise ValueError("set NcclSyncClient.version before send_weights()")
-        self._post("start", NcclStartRequest(version=self.version))
-
-    def update_weights(self, update_info: Any) -> None:
-        self._post("update", NcclUpdateRequest(update_info=dict(update_info)))
-
-    def finish_weight_update(self, weight_version: str | None = None) -> None:
-        response = self._post("finish", NcclFinishRequest(probe=self.probe))
-        self.last_response = WeightUpdateResponse.model_validate_json(response.content)

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rollout_server.config import RolloutServerConfig
-from rollout_server.engine import completion_budgets, resolve_prompts
 from rollout_server.gate import VersionGate
-from rollout_server.weights import (
+from rollout_server.rollout_engine import completion_budgets, resolve_prompts
+from rollout_server.staging import (
     UPLOAD_FILE,
     StagedWeights,
     WeightSchema,
@@ -38,8 +38,9 @@ from rollout_server.weights import (
     receive_upload,
     verify_staged,
 )
-from services.model_files import ModelFacts
-from services.protocol import (
+from services.common.http_server import ApiError
+from services.common.model_files import ModelFacts
+from services.common.protocol import (
     GenerateRequest,
     GenerateResponse,
     PromptCompletions,
@@ -49,7 +50,6 @@ from services.protocol import (
     WeightUpdateRequest,
     WeightUpdateResponse,
 )
-from services.serving import ApiError
 
 log = logging.getLogger(__name__)
 Transport = Literal["file", "http", "nccl"]

@@ -20,18 +20,25 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 
-from services import wire
-from services.protocol import ErrorResponse, ScoreRequest, ScoreResponse, SequenceScores, ServerInfo
-from services.serving import ApiError, create_base_app, read_body, respond
+from services.common import wire
+from services.common.http_server import ApiError, create_base_app, read_body, respond
+from services.common.protocol import (
+    ErrorResponse,
+    ScoreRequest,
+    ScoreResponse,
+    SequenceScores,
+    ServerInfo,
+)
+from teacher_server.backends import load_engine
 from teacher_server.batcher import DynamicBatcher
 from teacher_server.cache import LogprobCache, cache_key
 from teacher_server.config import TeacherServerConfig
-from teacher_server.engine import TeacherEngine, load_engine, validate_request
 from teacher_server.metrics import TeacherMetrics
+from teacher_server.teacher_engine import TeacherEngine, validate_request
 
 DESCRIPTION = """Returns a teacher model's logprob of every given token (and optionally the
 top-k alternatives), for distillation. Bodies are JSON or msgpack (`application/msgpack`,
-numeric lists as raw little-endian int32/float32 arrays, see `services.wire`); send
+numeric lists as raw little-endian int32/float32 arrays, see `services.common.wire`); send
 `Accept: application/msgpack` to get msgpack back. When the server has `RLAD_API_KEY`
 set, every route except `/health` and `/metrics` needs `Authorization: Bearer <key>`."""
 

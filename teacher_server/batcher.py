@@ -21,8 +21,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from services.protocol import ScoreSequence, SequenceScores
-from services.serving import ApiError
+from services.common.http_server import ApiError
+from services.common.protocol import ScoreSequence, SequenceScores
 from teacher_server.metrics import TeacherMetrics
 
 log = logging.getLogger(__name__)

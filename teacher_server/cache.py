@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.protocol import ScoreSequence, SequenceScores
+from services.common.protocol import ScoreSequence, SequenceScores
 
 # Python object overhead of one entry (key tuple, dataclass, arrays' headers, dict slot):
 # counted so that many tiny entries cannot exceed the budget unnoticed.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from services.processes import ManagedProcess
+from services.launch.processes import ManagedProcess
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float, proc: ManagedProcess) -> None:

@@ -14,11 +14,12 @@ import torch
 import uvicorn
 from transformers import AutoModelForCausalLM
 
-from services.processes import ManagedProcess, free_port
-from services.protocol import ScoreSequence
+from services.common.protocol import ScoreSequence
+from services.common.runtime import free_port
+from services.launch.processes import ManagedProcess
 from teacher_server.app import create_app
 from teacher_server.config import TeacherServerConfig
-from teacher_server.engine import TeacherEngine
+from teacher_server.teacher_engine import TeacherEngine
 
 RLAD = str(Path(sys.executable).parent / "rlad")
 

@@ -3,7 +3,7 @@ micro-batches under a token budget, and lay every per-token quantity out on the 
 
 Grid: a sequence is `prompt + completion`, right-padded to the micro-batch's longest.
 Per-token tensors are `[b, L-1]` in "shifted" coordinates — position t holds the quantity of
-token t+1 — which is what `trainer.logprobs.sequence_logprobs` returns. Completion token j
+token t+1 — which is what `services.common.logprobs.sequence_logprobs` returns. Completion token j
 of a prompt of length P therefore sits at position P-1+j.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.protocol import RolloutGroup
+from services.common.protocol import RolloutGroup
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from services.protocol import RolloutGroup
+from services.common.protocol import RolloutGroup
 
 
 def batch_metrics(groups: list[RolloutGroup], version: int, stats: Any) -> dict[str, float]:

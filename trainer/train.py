@@ -22,16 +22,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from rollout_server.weights import make_probe
-from services.protocol import RolloutGroup
-from services.queue import SCORED, TRAINER_STATE, Delivery, GroupQueue
-from services.rollout_client import RolloutClient
-from services.run_config import RunConfig
+from services.clients.rollout import RolloutClient
+from services.common.logprobs import sequence_logprobs
+from services.common.protocol import RolloutGroup
+from services.config.run import RunConfig
+from services.queue.streams import SCORED, TRAINER_STATE, Delivery, GroupQueue
+from services.weights.probe import make_probe
 from trainer import checkpoint
 from trainer.advantages import group_advantages
 from trainer.batch import MicroBatch, collate, empty_batch, flatten, pack
-from trainer.engine import create_engine, full_state_dict, init_distributed, local_grad_norm
-from trainer.logprobs import sequence_logprobs
+from trainer.deepspeed_setup import (
+    create_engine,
+    full_state_dict,
+    init_distributed,
+    local_grad_norm,
+)
 from trainer.loss import LossInputs, policy_loss
 from trainer.metrics_sink import MetricsSink
 from trainer.step_metrics import WeightedMeans, batch_metrics

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from services.protocol import CompletionRecord, RolloutGroup
+from services.common.protocol import CompletionRecord, RolloutGroup
 
 
 def scored_group(index: int, rng: random.Random) -> RolloutGroup:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.up import RLAD
+from services.launch.up import RLAD
 from trainer.metrics_sink import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]

@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from services.bootstrap import STAMP, BootstrapConfig, bootstrap
+from services.bootstrap.build import STAMP, BootstrapConfig, bootstrap
 from services.tasks import KKTaskConfig
 from services.tasks.kk import KKTask
 
@@ -26,7 +26,7 @@ def rlad(*args: str, timeout: float = 600) -> str:
     """Run `rlad ARGS` in its own process group; on a timeout the whole group (vLLM's
     engine-core child included) is killed, so nothing outlives the test."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", *args],
+        [sys.executable, "-m", "services.cli.main", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -23,11 +23,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from services.monitor import QueueSnapshot, read_snapshot, with_rates
-from services.monitor_exporter import create_app
-from services.processes import ManagedProcess, free_port
-from services.protocol import CompletionRecord, RolloutGroup
-from services.queue import (
+from services.common.protocol import CompletionRecord, RolloutGroup
+from services.common.runtime import free_port
+from services.launch.processes import ManagedProcess
+from services.monitor.exporter import create_app
+from services.monitor.snapshot import QueueSnapshot, read_snapshot, with_rates
+from services.queue.streams import (
     DEAD,
     ROLLOUTS,
     SCORED,
@@ -38,7 +39,7 @@ from services.queue import (
     QueueConfig,
 )
 
-RLAD = [sys.executable, "-m", "services.cli"]
+RLAD = [sys.executable, "-m", "services.cli.main"]
 
 
 def make_group(i: int, version: int = 0) -> RolloutGroup:

@@ -15,13 +15,13 @@ import redis
 import torch
 from transformers import AutoModelForCausalLM
 
-from services.cpu_placement import CORES_ENV, available_cores, cpu_placement
-from services.processes import ManagedProcess
-from services.protocol import GenerateRequest, SamplingParams
-from services.rollout_client import RolloutClient
-from services.run_config import RunConfig
-from services.up import pipeline, queue_accounts
-from trainer.logprobs import sequence_logprobs
+from services.clients.rollout import RolloutClient
+from services.common.logprobs import sequence_logprobs
+from services.common.protocol import GenerateRequest, SamplingParams
+from services.config.run import RunConfig
+from services.launch.cpu_placement import CORES_ENV, available_cores, cpu_placement
+from services.launch.processes import ManagedProcess
+from services.launch.up import pipeline, queue_accounts
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import redis
 
-from services.protocol import CompletionRecord, RolloutGroup
-from services.queue import (
+from services.common.protocol import CompletionRecord, RolloutGroup
+from services.queue.streams import (
     DEAD,
     ROLLOUTS,
     SCORED,

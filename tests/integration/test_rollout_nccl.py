@@ -12,9 +12,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rollout_server.weights import make_probe, probe_token_ids
-from services.processes import ManagedProcess, free_port
-from services.tiny_models import save_tiny_model
+from services.bootstrap.tiny_models import save_tiny_model
+from services.common.runtime import free_port
+from services.launch.processes import ManagedProcess
+from services.weights.probe import make_probe, probe_token_ids
 
 pytestmark = [
     pytest.mark.gpu,
@@ -28,7 +29,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     tmp = tmp_path_factory.mktemp("nccl")
     model = save_tiny_model(tmp / "student", "student", seed=0)
     port = free_port()
-    argv = [sys.executable, "-m", "services.cli", "serve-rollout", "--model", str(model)]
+    argv = [sys.executable, "-m", "services.cli.main", "serve-rollout", "--model", str(model)]
     argv += ["--backend", "vllm", "--port", str(port), "--nccl-weight-transfer"]
     argv += ["--gpu-memory-utilization", "0.3"]
     server = ManagedProcess("rollout-nccl", argv, tmp / "server.log").start()
@@ -46,7 +47,7 @@ def test_nccl_update_is_verified_and_versioned(served: tuple[str, Path]) -> None
         NCCLTrainerWeightTransferEngine,
     )
 
-    from rollout_server.nccl import NcclSyncClient
+    from services.weights.nccl_client import NcclSyncClient
 
     url, model_dir = served
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()

@@ -18,15 +18,16 @@ import pytest
 import torch
 from transformers import PreTrainedModel
 
-from rollout_server.safetensors_io import encode_chunks
-from rollout_server.weights import make_probe, probe_token_ids
-from services import wire
-from services.processes import ManagedProcess, free_port
-from services.protocol import GenerateRequest, GenerateResponse, SamplingParams
-from services.rollout_client import RolloutClient, RolloutServerError
-from services.tiny_models import TinyModelConfig, save_tiny_model
+from services.bootstrap.tiny_models import TinyModelConfig, save_tiny_model
+from services.clients.rollout import RolloutClient, RolloutServerError
+from services.common import wire
+from services.common.logprobs import sequence_logprobs
+from services.common.protocol import GenerateRequest, GenerateResponse, SamplingParams
+from services.common.runtime import free_port
+from services.launch.processes import ManagedProcess
+from services.weights.probe import make_probe, probe_token_ids
+from services.weights.safetensors_io import encode_chunks
 from tests.model_support import perturbed_model
-from trainer.logprobs import sequence_logprobs
 
 API_KEY = "test-key"
 PROBE_IDS = probe_token_ids(128, length=24)
@@ -46,7 +47,7 @@ def assert_produced_by(model: PreTrainedModel, response: GenerateResponse, tempe
 
 def start_server(tmp: Path, model: Path, backend: str, host: str, env: dict[str, str], *extra: str):
     port = free_port()
-    argv = [sys.executable, "-m", "services.cli", "serve-rollout", "--model", str(model)]
+    argv = [sys.executable, "-m", "services.cli.main", "serve-rollout", "--model", str(model)]
     argv += ["--backend", backend, "--host", host, "--port", str(port), *extra]
     server = ManagedProcess(f"rollout-{backend}", argv, tmp / f"{backend}.log", env).start()
     try:

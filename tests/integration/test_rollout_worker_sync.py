@@ -11,14 +11,20 @@ from pathlib import Path
 import redis
 import yaml
 
-from services.processes import ManagedProcess, free_port
-from services.protocol import Completion, GenerateRequest, GenerateResponse, PromptCompletions
-from services.queue import ROLLOUTS, TRAINER_STATE, GroupQueue, QueueConfig
-from services.rollout_worker import RolloutWorker
-from services.run_config import RolloutWorkerConfig
+from services.bootstrap.tiny_models import build_tokenizer
+from services.common.protocol import (
+    Completion,
+    GenerateRequest,
+    GenerateResponse,
+    PromptCompletions,
+)
+from services.common.runtime import free_port
+from services.config.run import RolloutWorkerConfig
+from services.launch.processes import ManagedProcess
+from services.launch.up import RLAD
+from services.queue.streams import ROLLOUTS, TRAINER_STATE, GroupQueue, QueueConfig
 from services.tasks import KKTaskConfig, TaskConfig, load_task
-from services.tiny_models import build_tokenizer
-from services.up import RLAD
+from services.workers.rollout_worker import RolloutWorker
 from tests.process_support import wait_for
 
 BATCH = 2  # groups per trainer step

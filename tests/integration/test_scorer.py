@@ -13,15 +13,16 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from services.processes import ManagedProcess, free_port
-from services.protocol import CompletionRecord, RolloutGroup
-from services.queue import ROLLOUTS, SCORED, GroupQueue, QueueConfig
-from services.wire import decode
-from trainer.logprobs import sequence_logprobs
+from services.common.logprobs import sequence_logprobs
+from services.common.protocol import CompletionRecord, RolloutGroup
+from services.common.runtime import free_port
+from services.common.wire import decode
+from services.launch.processes import ManagedProcess
+from services.queue.streams import ROLLOUTS, SCORED, GroupQueue, QueueConfig
 
 pytestmark = pytest.mark.slow
 
-CLI = [sys.executable, "-m", "services.cli"]
+CLI = [sys.executable, "-m", "services.cli.main"]
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """Two real `rlad serve-teacher --backend hf` replicas behind a bearer token: exact
-logprobs, concurrency, the `rlad score` command, auth, and a replica killed mid-run."""
+logprobs, concurrency, the `rlad query-teacher` command, auth, and a replica killed mid-run."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.processes import ManagedProcess
-from services.protocol import ScoreResponse
-from services.teacher_client import TeacherClient
+from services.clients.teacher import TeacherClient
+from services.common.protocol import ScoreResponse
+from services.launch.processes import ManagedProcess
 from tests.teacher_support import (
     RLAD,
     Reference,
@@ -115,7 +115,7 @@ def test_rlad_score_command(
     source = tmp_path / "in.jsonl"
     source.write_text("".join(s.model_dump_json() + "\n" for s in sequences))
     done = subprocess.run(
-        [RLAD, "score", "--url", teachers[0][1], "--input", str(source), "--top-k", "2"],
+        [RLAD, "query-teacher", "--url", teachers[0][1], "--input", str(source), "--top-k", "2"],
         capture_output=True, text=True, timeout=120,
         env={**os.environ, "RLAD_API_KEY": API_KEY},
     )  # fmt: skip

@@ -10,11 +10,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services import wire
-from services.processes import ManagedProcess
-from services.protocol import ScoreRequest, ScoreResponse, ScoreSequence
+from services.common import wire
+from services.common.protocol import ScoreRequest, ScoreResponse, ScoreSequence
+from services.launch.processes import ManagedProcess
 from teacher_server.config import TeacherServerConfig
-from teacher_server.hf_engine import HFTeacherEngine
+from teacher_server.hf_backend import HFTeacherEngine
 from tests.teacher_support import Reference, assert_logprobs_close, random_sequences, start_teacher
 
 pytest.importorskip("vllm")

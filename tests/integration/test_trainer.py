@@ -15,8 +15,9 @@ import pytest
 import redis
 import yaml
 
-from services.processes import ManagedProcess, free_port
-from services.queue import SCORED, GroupQueue
+from services.common.runtime import free_port
+from services.launch.processes import ManagedProcess
+from services.queue.streams import SCORED, GroupQueue
 from tests.integration.groups import scored_group
 from tests.process_support import wait_for
 
@@ -46,7 +47,7 @@ def trained_log(folder: Path) -> list[dict[str, object]]:
 
 
 def trainer_process(config: Path, redis_url: str, folder: Path, *extra: str) -> ManagedProcess:
-    argv = [sys.executable, "-m", "services.cli", "train", "--config", str(config)]
+    argv = [sys.executable, "-m", "services.cli.main", "train", "--config", str(config)]
     return ManagedProcess(
         "trainer",
         [*argv, "--redis-url", redis_url, *extra],
@@ -126,7 +127,7 @@ def test_two_ranks_under_torchrun_with_zero2(
             "--master_port",
             str(free_port()),
             "-m",
-            "services.cli",
+            "services.cli.main",
             "train",
             "--config",
             str(config),

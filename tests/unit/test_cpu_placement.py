@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from services.cpu_placement import (
+from services.launch.cpu_placement import (
     CORES_ENV,
     available_cores,
     cpu_placement,
@@ -50,7 +50,7 @@ def test_disabled_placement_sets_nothing() -> None:
 
 def affinity_of_a_process_with(env: dict[str, str]) -> str:
     code = (
-        "import os; from services.cpu_placement import pin_to_assigned_cores; "
+        "import os; from services.launch.cpu_placement import pin_to_assigned_cores; "
         "pin_to_assigned_cores(); print(sorted(os.sched_getaffinity(0)))"
     )
     return subprocess.run(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from transformers import PreTrainedModel
 
-from services.tiny_models import TinyModelConfig, save_tiny_model
+from services.bootstrap.tiny_models import TinyModelConfig, save_tiny_model
 from tests.model_support import perturbed_model
 
 

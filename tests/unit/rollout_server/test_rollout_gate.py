@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from rollout_server.gate import VersionGate
-from services.serving import ApiError
+from services.common.http_server import ApiError
 
 
 def test_update_waits_for_running_generations_and_blocks_new_ones() -> None:

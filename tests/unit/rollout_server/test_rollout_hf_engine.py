@@ -13,12 +13,13 @@ import pytest
 import torch
 from transformers import PreTrainedModel
 
+from rollout_server.backends import load_engine
 from rollout_server.config import RolloutServerConfig
-from rollout_server.engine import completion_budgets, load_engine
-from rollout_server.safetensors_io import encode_chunks
+from rollout_server.rollout_engine import completion_budgets
 from rollout_server.versioned import VersionedEngine
-from rollout_server.weights import make_probe, probe_token_ids
-from services.protocol import (
+from services.common.http_server import ApiError
+from services.common.logprobs import sequence_logprobs
+from services.common.protocol import (
     GenerateRequest,
     GenerateResponse,
     SamplingParams,
@@ -26,8 +27,8 @@ from services.protocol import (
     WeightUpdateRequest,
     WeightUpdateResponse,
 )
-from services.serving import ApiError
-from trainer.logprobs import sequence_logprobs
+from services.weights.probe import make_probe, probe_token_ids
+from services.weights.safetensors_io import encode_chunks
 
 Perturb = Callable[..., PreTrainedModel]  # the `perturbed` fixture
 

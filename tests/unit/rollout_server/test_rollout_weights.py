@@ -13,19 +13,17 @@ import torch
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
-from rollout_server.safetensors_io import encode_chunks, read_header
-from rollout_server.weights import (
+from rollout_server.staging import (
     TIED_FILE,
     UPLOAD_FILE,
     WeightSchema,
-    check_probe,
-    make_probe,
-    probe_token_ids,
     receive_upload,
     verify_staged,
 )
-from services.serving import ApiError
-from trainer.logprobs import sequence_logprobs
+from services.common.http_server import ApiError
+from services.common.logprobs import sequence_logprobs
+from services.weights.probe import check_probe, make_probe, probe_token_ids
+from services.weights.safetensors_io import encode_chunks, read_header
 
 Perturb = Callable[..., PreTrainedModel]  # the `perturbed` fixture
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.bootstrap import BootstrapConfig, Role, training_pairs
+from services.bootstrap.build import BootstrapConfig, Role, training_pairs
 from services.tasks.kk import THINK_PREFILL, KKTask, format_ok
 
 

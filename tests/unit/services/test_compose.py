@@ -15,8 +15,8 @@ import pytest
 import typer
 import yaml
 
-from services.cli import app
-from services.run_config import RunConfig
+from services.cli.main import app
+from services.config.run import RunConfig
 
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "docker"))
@@ -190,7 +190,7 @@ def rlad_argv(command: list[str]) -> list[str] | None:
     if command[0] == "rlad":
         return command[1:]
     if command[0] == "torchrun":
-        return command[command.index("services.cli") + 1 :]
+        return command[command.index("services.cli.main") + 1 :]
     return None
 
 

@@ -17,8 +17,9 @@ import redis
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.processes import ManagedProcess, free_port
-from services.queue import ROLLOUTS, TEACHER_LATENCY, TRAINER_STATE, GroupQueue, QueueConfig
+from services.common.runtime import free_port
+from services.launch.processes import ManagedProcess
+from services.queue.streams import ROLLOUTS, TEACHER_LATENCY, TRAINER_STATE, GroupQueue, QueueConfig
 from tests.integration.test_monitor import make_group
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -27,7 +28,7 @@ ALERTS = yaml.safe_load((ROOT / "docker/prometheus/alerts.yml").read_text())
 DATASOURCE = yaml.safe_load(
     (ROOT / "docker/grafana/provisioning/datasources/prometheus.yml").read_text()
 )["datasources"][0]
-RLAD = [sys.executable, "-m", "services.cli"]
+RLAD = [sys.executable, "-m", "services.cli.main"]
 SUFFIXES = {
     "counter": ("_total", "_created"),
     "histogram": ("_bucket", "_count", "_sum", "_created"),

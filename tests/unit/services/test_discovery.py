@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from services.discovery import expand_teacher_urls, resolve_ipv4
+from services.clients.discovery import expand_teacher_urls, resolve_ipv4
 
 REPLICAS = ["172.18.0.12", "172.18.0.5", "172.18.0.6"]
 

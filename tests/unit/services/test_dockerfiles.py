@@ -108,9 +108,10 @@ def test_light_image_requirements_leave_torch_and_deepspeed_out() -> None:
 LIGHT_IMAGE_IMPORTS = """
 import sys
 sys.modules["deepspeed"] = None
-import services.cli, services.scorer, services.teacher_client, services.rollout_client
-import services.rollout_worker, services.tasks, services.tokenizer_check, services.discovery
-import services.monitor_exporter, services.monitor_view
+import services.cli.main, services.workers.scorer, services.workers.rollout_worker
+import services.clients.teacher, services.clients.rollout, services.clients.discovery
+import services.tasks, services.common.tokenizer_check
+import services.monitor.exporter, services.monitor.view
 from transformers import AutoTokenizer
 """
 

@@ -9,15 +9,22 @@ from pathlib import Path
 
 import pytest
 
-from services.evaluation import EvalConfig, EvalReport, evaluate, pass_at_k, pass_ks, write_report
-from services.protocol import (
+from services.bootstrap.tiny_models import build_tokenizer
+from services.common.protocol import (
     Completion,
     GenerateRequest,
     GenerateResponse,
     PromptCompletions,
 )
+from services.evaluation.evaluate import (
+    EvalConfig,
+    EvalReport,
+    evaluate,
+    pass_at_k,
+    pass_ks,
+    write_report,
+)
 from services.tasks import Problem, Reward
-from services.tiny_models import build_tokenizer
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.live_view import BARS, sparkline, trend
+from services.launch.live_view import BARS, sparkline, trend
 
 
 def test_sparkline_draws_one_bar_per_value_from_lowest_to_highest() -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from services.plots import plot_curves, running_mean
+from services.launch.plots import plot_curves, running_mean
 
 
 def test_running_mean_averages_the_window_ending_at_each_step() -> None:

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from services.sft import SFTConfig, _batch, greedy_completions, sft
-from services.tiny_models import TinyModelConfig, build_model, build_tokenizer
+from services.bootstrap.sft import SFTConfig, _batch, greedy_completions, sft
+from services.bootstrap.tiny_models import TinyModelConfig, build_model, build_tokenizer
 
 
 def test_batch_masks_only_completion_and_eos() -> None:

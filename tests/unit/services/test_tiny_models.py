@@ -7,7 +7,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from services.tiny_models import build_tokenizer, save_tiny_model
+from services.bootstrap.tiny_models import build_tokenizer, save_tiny_model
 
 TEXT = "A: ~B=B\nB: ~A>A\n<think>KNK:10+0.-01-</think><answer>(1) A is a knave</answer>"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from services import wire
-from services.protocol import CompletionRecord, RolloutGroup, ScoreRequest, ScoreSequence
+from services.common import wire
+from services.common.protocol import CompletionRecord, RolloutGroup, ScoreRequest, ScoreSequence
 
 
 def test_group_round_trips_and_packs_arrays_as_raw_bytes() -> None:

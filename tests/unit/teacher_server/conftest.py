@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from teacher_server.config import TeacherServerConfig
-from teacher_server.hf_engine import HFTeacherEngine
+from teacher_server.hf_backend import HFTeacherEngine
 from tests.teacher_support import Reference
 
 

@@ -11,10 +11,10 @@ import httpx
 import msgpack
 import pytest
 
-from services import wire
-from services.protocol import ScoreRequest, ScoreResponse, ScoreSequence, SequenceScores
+from services.common import wire
+from services.common.protocol import ScoreRequest, ScoreResponse, ScoreSequence, SequenceScores
 from teacher_server.config import TeacherServerConfig
-from teacher_server.hf_engine import HFTeacherEngine
+from teacher_server.hf_backend import HFTeacherEngine
 from tests.teacher_support import Reference, ThreadedServer, assert_logprobs_close, random_sequences
 
 

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from services.protocol import ScoreSequence, SequenceScores
-from services.serving import ApiError
+from services.common.http_server import ApiError
+from services.common.protocol import ScoreSequence, SequenceScores
 from teacher_server.batcher import DynamicBatcher, truncate_top_k
 
 

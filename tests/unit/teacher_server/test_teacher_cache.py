@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.protocol import ScoreSequence, SequenceScores
+from services.common.protocol import ScoreSequence, SequenceScores
 from teacher_server.cache import ENTRY_OVERHEAD_BYTES, LogprobCache, cache_key
 
 

@@ -10,18 +10,18 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from services.processes import free_port
-from services.protocol import ScoreSequence, ServerInfo
-from services.teacher_client import (
+from services.clients.replicas import split_batches
+from services.clients.teacher import (
     TeacherClient,
     TeacherRequestError,
     TeacherUnavailable,
     verify_tokenizers,
 )
-from services.teacher_replicas import split_batches
-from services.tokenizer_check import TokenizerMismatch
+from services.common.protocol import ScoreSequence, ServerInfo
+from services.common.runtime import free_port
+from services.common.tokenizer_check import TokenizerMismatch
 from teacher_server.config import TeacherServerConfig
-from teacher_server.hf_engine import HFTeacherEngine
+from teacher_server.hf_backend import HFTeacherEngine
 from tests.teacher_support import Reference, ThreadedServer, assert_logprobs_close, random_sequences
 
 

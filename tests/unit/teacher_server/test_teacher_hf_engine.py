@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.model_files import weights_revision
-from services.protocol import ScoreRequest, ScoreSequence
-from services.serving import ApiError
-from services.tiny_models import build_tokenizer, save_tiny_model
-from services.tokenizer_check import tokenizer_fingerprint
+from services.bootstrap.tiny_models import build_tokenizer, save_tiny_model
+from services.common.http_server import ApiError
+from services.common.model_files import weights_revision
+from services.common.protocol import ScoreRequest, ScoreSequence
+from services.common.tokenizer_check import tokenizer_fingerprint
 from teacher_server.config import TeacherServerConfig
-from teacher_server.engine import validate_request
-from teacher_server.hf_engine import HFTeacherEngine, plan_micro_batches
+from teacher_server.hf_backend import HFTeacherEngine, plan_micro_batches
+from teacher_server.teacher_engine import validate_request
 from tests.teacher_support import Reference, assert_logprobs_close, random_sequences
 
 

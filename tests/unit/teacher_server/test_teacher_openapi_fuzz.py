@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
 from teacher_server.config import TeacherServerConfig
-from teacher_server.hf_engine import HFTeacherEngine
+from teacher_server.hf_backend import HFTeacherEngine
 from tests.teacher_support import ThreadedServer
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from services.protocol import CompletionRecord, RolloutGroup
+from services.common.protocol import CompletionRecord, RolloutGroup
 from trainer.batch import collate, empty_batch, flatten, pack
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from services.tiny_models import save_tiny_model
-from trainer.logprobs import selective_entropy, selective_log_softmax, sequence_logprobs
+from services.bootstrap.tiny_models import save_tiny_model
+from services.common.logprobs import selective_entropy, selective_log_softmax, sequence_logprobs
 
 
 def naive_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0):

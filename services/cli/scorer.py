@@ -1,0 +1,58 @@
+"""`rlad scorer`: add teacher logprobs to rollout groups (`rlad:rollouts` → `rlad:scored`)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from pathlib import Path
+
+import typer
+
+
+def command(
+    config: Path = typer.Option(..., "--config", exists=True, help="Experiment YAML."),
+    teacher_url: list[str] = typer.Option(
+        [], "--teacher-url", help="Teacher server URL (repeatable; default: env TEACHER_URLS)."
+    ),
+    rollout_url: str | None = typer.Option(
+        None, "--rollout-url", help="A rollout server, to check tokenizer compatibility."
+    ),
+    redis_url: str | None = typer.Option(None, "--redis-url", envvar="REDIS_URL"),
+    consumer: str = typer.Option(
+        f"scorer-{socket.gethostname()}-{os.getpid()}", help="Consumer name in the group."
+    ),
+) -> None:
+    """Score groups with the teacher (or pass them through for plain GRPO)."""
+    from services.clients.discovery import expand_teacher_urls
+    from services.clients.rollout import RolloutClient
+    from services.clients.teacher import TeacherClient
+    from services.common.http_server import api_key
+    from services.common.runtime import StopFlag, configure_logging
+    from services.common.tokenizer_check import check_compatible
+    from services.config.run import load_run_config
+    from services.queue.streams import GroupQueue, connect
+    from services.workers.scorer import Scorer
+
+    configure_logging("scorer")
+    run = load_run_config(config)
+    stop = StopFlag()
+    queue = GroupQueue(connect(redis_url), run.queue)
+    if run.scorer.mode == "passthrough":
+        asyncio.run(Scorer(run.scorer, queue, None, consumer).run(stop))
+        return
+    env_urls = [u for u in os.environ.get("TEACHER_URLS", "").split(",") if u]
+    urls = expand_teacher_urls(teacher_url or env_urls or run.teacher_urls)
+    if not urls:
+        raise typer.BadParameter("no teacher: pass --teacher-url or set TEACHER_URLS")
+
+    async def main() -> None:
+        async with TeacherClient(
+            urls, api_key=api_key(), deadline_s=run.scorer.deadline_s
+        ) as client:
+            if rollout_url:
+                async with RolloutClient([rollout_url], api_key=api_key()) as rollout:
+                    check_compatible(await rollout.info(), await client.info())
+            await Scorer(run.scorer, queue, client, consumer).run(stop)
+
+    asyncio.run(main())

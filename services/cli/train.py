@@ -1,0 +1,32 @@
+"""`rlad train`: the DeepSpeed trainer (alone, or under `torchrun -m services.cli.main train`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def command(
+    config: Path = typer.Option(..., "--config", exists=True, help="Experiment YAML."),
+    rollout_url: list[str] = typer.Option(
+        [], "--rollout-url", envvar="ROLLOUT_URLS", help="Rollout servers to push weights to."
+    ),
+    redis_url: str | None = typer.Option(None, "--redis-url", envvar="REDIS_URL"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint."),
+) -> None:
+    """Train the student on scored groups and push each new version to the rollout servers."""
+    from services.common.http_server import api_key
+    from services.common.runtime import StopFlag, configure_logging
+    from services.config.run import load_run_config
+    from services.queue.streams import GroupQueue, connect
+    from trainer.train import Trainer
+
+    configure_logging("trainer")
+    run = load_run_config(config)
+    stop = StopFlag()
+    queue = GroupQueue(connect(redis_url), run.queue)
+    trainer = Trainer(run, queue, rollout_url, api_key=api_key(), should_stop=stop)
+    if resume:
+        trainer.resume()
+    trainer.train()

@@ -1,0 +1,41 @@
+"""`rlad up`: start the whole pipeline on this machine and train to the end."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import typer
+
+
+def command(
+    config: Path = typer.Option(
+        Path("configs/tiny-cpu.yaml"), "--config", exists=True, help="Experiment YAML."
+    ),
+    steps: int | None = typer.Option(None, help="Override trainer.steps."),
+    name: str | None = typer.Option(None, help="Override the run name (run folder)."),
+    resume: bool = typer.Option(False, help="Continue the run in the same folder."),
+    live: bool = typer.Option(True, help="Live table on a terminal."),
+) -> None:
+    """Redis, teacher and rollout servers, scorer, rollout worker and trainer, on loopback."""
+    from rich.console import Console
+
+    from services.common.runtime import configure_logging
+    from services.config.run import load_run_config
+    from services.launch.up import up
+
+    configure_logging("up")
+    # SIGTERM (kill, a supervisor) must stop the children exactly as Ctrl-C does: raising
+    # KeyboardInterrupt runs the clean-up that stops every process group.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    overrides: dict[str, object] = {}
+    if steps is not None:
+        overrides["trainer.steps"] = steps
+    if name is not None:
+        overrides["name"] = name
+    run = load_run_config(config, overrides)
+    folder = up(run, resume=resume, live=live)
+    Console().print(
+        f"[bold green]done[/bold green]: run folder {folder} "
+        f"(metrics.jsonl, curves.png, final/, checkpoints/, logs/)"
+    )

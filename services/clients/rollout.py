@@ -1,0 +1,230 @@
+"""`RolloutClient`: async HTTP client of one or more rollout servers.
+
+Same `generate` as the in-process engine (a coroutine), plus `info` and the trainer's
+`push_weights`. Network failures and 502/503/504 are retried here, at the edge, with
+exponential backoff until a deadline (generation fails over to the next server); every
+other error is raised as `RolloutServerError` with the server's reason.
+
+    async with RolloutClient(["http://127.0.0.1:8200"], api_key=key) as client:
+        response = await client.generate(GenerateRequest(prompts=[[5, 6, 7]]))
+        probe = make_probe(model, probe_token_ids(vocab_size))
+        await client.push_weights(model.state_dict(), version=1, probe=probe)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import httpx
+import torch
+from pydantic import BaseModel, ValidationError
+
+from services.common import wire
+from services.common.protocol import (
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    ServerInfo,
+    WeightProbe,
+    WeightUpdateRequest,
+    WeightUpdateResponse,
+)
+from services.weights.push import UPLOAD_FILE, upload_body, upload_headers, write_weights_file
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
+RETRY_STATUSES = {502, 503, 504}
+
+
+class RolloutServerError(RuntimeError):
+    """The server answered with an error: `status`, machine-readable `type`, `message`."""
+
+    def __init__(self, url: str, status: int, type_: str, message: str) -> None:
+        super().__init__(f"{url}: {status} {type_}: {message}")
+        self.url, self.status, self.type, self.message = url, status, type_, message
+
+
+def _raise_for_error(url: str, response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        body = ErrorResponse.model_validate_json(response.content).error
+        raise RolloutServerError(url, response.status_code, body.type, body.message)
+    except ValidationError:
+        raise RolloutServerError(
+            url, response.status_code, "http_error", response.text[:500]
+        ) from None
+
+
+def _parse(response: httpx.Response, cls: type[M]) -> M:
+    if response.headers.get("content-type", "").startswith(wire.MSGPACK):
+        return wire.decode(response.content, cls)
+    return cls.model_validate_json(response.content)
+
+
+class RolloutClient:
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        api_key: str | None = None,
+        *,
+        timeout_s: float = 600.0,
+        deadline_s: float = 120.0,
+        backoff_s: float = 0.25,
+    ) -> None:
+        self.urls = [u.rstrip("/") for u in ([urls] if isinstance(urls, str) else urls)]
+        if not self.urls:
+            raise ValueError("RolloutClient needs at least one server URL")
+        self.deadline_s = deadline_s
+        self.backoff_s = backoff_s
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s, connect=10.0), headers=headers
+        )
+        self._turn = itertools.cycle(range(len(self.urls)))
+
+    async def __aenter__(self) -> RolloutClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        urls: Sequence[str],
+        content: Callable[[], Any] | None = None,
+        connect_only: bool = False,
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
+        """Send, retrying transport errors and 502/503/504 across `urls` until the deadline.
+
+        `content` makes a fresh body per attempt. `connect_only`: retry only failures that
+        prove the request was not processed (a refused connection, 503 while the engine
+        loads), since a weight update must not be replayed after a server may have applied it.
+        """
+        deadline = time.monotonic() + self.deadline_s
+        for attempt in itertools.count():
+            url = urls[attempt % len(urls)]
+            body = content() if content is not None else None
+            try:
+                response = await self._http.request(
+                    method, url + path, content=body, headers=headers
+                )
+                retry = {503} if connect_only else RETRY_STATUSES
+                if response.status_code not in retry:
+                    _raise_for_error(url, response)
+                    return response
+                problem = f"HTTP {response.status_code}"
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            except httpx.TransportError as exc:
+                if connect_only:
+                    raise
+                problem = f"{type(exc).__name__}: {exc}"
+            pause = min(self.backoff_s * 2**attempt, 5.0)
+            if time.monotonic() + pause > deadline:
+                raise RolloutServerError(
+                    url, 503, "unavailable", f"{method} {path} failed until the deadline: {problem}"
+                )
+            log.warning("%s%s: %s; retrying in %.2fs", url, path, problem, pause)
+            await asyncio.sleep(pause)
+        raise AssertionError("unreachable")
+
+    async def generate(self, request: GenerateRequest) -> GenerateResponse:
+        """Sample on the next server in turn (failing over to the others)."""
+        start = next(self._turn)
+        order = self.urls[start:] + self.urls[:start]
+        body = wire.encode(request)
+        response = await self._send(
+            "POST",
+            "/v1/generate",
+            urls=order,
+            content=lambda: body,
+            headers={"content-type": wire.MSGPACK, "accept": wire.MSGPACK},
+        )
+        return _parse(response, GenerateResponse)
+
+    async def info(self, url: str | None = None) -> ServerInfo:
+        """`GET /v1/info` of `url` (default: the first server)."""
+        response = await self._send("GET", "/v1/info", urls=[url or self.urls[0]])
+        return _parse(response, ServerInfo)
+
+    async def push_weights(
+        self,
+        state_dict: Mapping[str, torch.Tensor],
+        version: int,
+        probe: WeightProbe | None = None,
+        transport: Literal["http", "file"] = "http",
+        shared_dir: Path | None = None,
+    ) -> WeightUpdateResponse:
+        """Send `state_dict` to every server as `version`; returns once all serve it.
+
+        `http` streams the safetensors bytes in the request body; `file` writes them under
+        `shared_dir` (a volume the servers can read) and names the file. Each server checks
+        the sha256, the tensor names/shapes/dtypes and the `probe` before it answers; any
+        refusal raises `RolloutServerError` (that server keeps its old weights). Returns the
+        first server's response.
+        """
+        if transport == "file":
+            if shared_dir is None:
+                raise ValueError("transport='file' needs shared_dir, a folder the servers can read")
+            results = await self._push_file(state_dict, version, probe, shared_dir)
+        else:
+            results = await self._push_http(state_dict, version, probe)
+        return results[0]
+
+    async def _push_http(
+        self, state_dict: Mapping[str, torch.Tensor], version: int, probe: WeightProbe | None
+    ) -> list[WeightUpdateResponse]:
+        headers = await asyncio.to_thread(upload_headers, state_dict, version, probe)
+
+        async def one(url: str) -> WeightUpdateResponse:
+            response = await self._send(
+                "POST", "/v1/weights/upload", urls=[url], connect_only=True,
+                content=lambda: upload_body(state_dict), headers=headers,
+            )  # fmt: skip
+            return WeightUpdateResponse.model_validate_json(response.content)
+
+        return list(await asyncio.gather(*(one(url) for url in self.urls)))
+
+    async def _push_file(
+        self,
+        state_dict: Mapping[str, torch.Tensor],
+        version: int,
+        probe: WeightProbe | None,
+        shared_dir: Path,
+    ) -> list[WeightUpdateResponse]:
+        folder = shared_dir / f"policy-v{version}-{uuid.uuid4().hex[:8]}"
+        folder.mkdir(parents=True)
+        try:
+            path = folder / UPLOAD_FILE
+            digest = await asyncio.to_thread(write_weights_file, path, state_dict)
+            request = WeightUpdateRequest(
+                version=version, path=str(path), sha256={UPLOAD_FILE: digest}, probe=probe
+            )
+
+            async def one(url: str) -> WeightUpdateResponse:
+                response = await self._send(
+                    "POST", "/v1/weights", urls=[url], connect_only=True,
+                    content=request.model_dump_json, headers={"content-type": wire.JSON},
+                )  # fmt: skip
+                return WeightUpdateResponse.model_validate_json(response.content)
+
+            return list(await asyncio.gather(*(one(url) for url in self.urls)))
+        finally:
+            # The servers hard-link (or copy) what they accept, so the file can go.
+            shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,215 @@
+"""What every RLAD HTTP server shares: one error shape, JSON/msgpack bodies with a size
+limit, optional bearer auth, and the `/health` + `/metrics` routes.
+
+Servers build their app with `create_base_app(...)`, add their routes, read bodies with
+`read_body(request, Schema, limits)` and answer with `respond(request, model)`. Engines
+raise `ApiError` (or plain `ValueError` for bad input) and never know about HTTP.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.common import wire
+from services.common.protocol import ErrorBody, ErrorResponse
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
+
+API_KEY_ENV = "RLAD_API_KEY"
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+class ApiError(Exception):
+    """An error with an HTTP status, a machine-readable type and a helpful message."""
+
+    def __init__(
+        self,
+        status: int,
+        type_: str,
+        message: str,
+        *,
+        detail: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type_
+        self.message = message
+        self.detail = detail
+        self.headers = headers
+
+
+def error_response(
+    status: int,
+    type_: str,
+    message: str,
+    detail: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = ErrorResponse(error=ErrorBody(type=type_, message=message, detail=detail))
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
+
+
+def _validation_detail(exc: ValidationError | RequestValidationError) -> list[dict[str, Any]]:
+    return [
+        {"loc": [str(p) for p in err.get("loc", ())], "msg": str(err.get("msg", ""))}
+        for err in exc.errors()
+    ]
+
+
+def _summarise(detail: list[dict[str, Any]]) -> str:
+    first = detail[0]
+    where = ".".join(str(p) for p in first["loc"]) or "body"
+    more = f" (and {len(detail) - 1} more problems)" if len(detail) > 1 else ""
+    return f"invalid request at `{where}`: {first['msg']}{more}"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.type, exc.message, exc.detail, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Unknown paths and methods answer in the one error shape too.
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        headers = dict(exc.headers) if exc.headers else None
+        return error_response(exc.status_code, kind, str(exc.detail), headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = _validation_detail(exc)
+        return error_response(422, "invalid_request", _summarise(detail), detail)
+
+    @app.exception_handler(ValidationError)
+    async def _model_invalid(_: Request, exc: ValidationError) -> JSONResponse:
+        detail = _validation_detail(exc)
+        return error_response(422, "invalid_request", _summarise(detail), detail)
+
+    @app.exception_handler(ValueError)
+    async def _bad_value(_: Request, exc: ValueError) -> JSONResponse:
+        return error_response(422, "invalid_request", str(exc))
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
+
+
+async def read_bytes(request: Request, max_bytes: int) -> bytes:
+    """The request body, refusing (413) anything over `max_bytes` without buffering it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise ApiError(
+            413, "too_large", f"body of {declared} bytes exceeds the limit of {max_bytes} bytes"
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise ApiError(
+                413, "too_large", f"body exceeds the limit of {max_bytes} bytes; split the batch"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_body(request: Request, cls: type[M], max_bytes: int) -> M:
+    """Parse a JSON or msgpack body (by Content-Type) into `cls`; 400/413/422 on bad input."""
+    data = await read_bytes(request, max_bytes)
+    content_type = request.headers.get("content-type", wire.JSON).split(";")[0].strip()
+    if content_type == wire.MSGPACK:
+        try:
+            raw = wire.decode_raw(data)
+        except wire.WireDecodeError as exc:
+            raise ApiError(400, "malformed_body", str(exc)) from exc
+        return cls.model_validate(raw)
+    if content_type not in (wire.JSON, ""):
+        raise ApiError(
+            415, "unsupported_media_type", f"send {wire.JSON} or {wire.MSGPACK}, not {content_type}"
+        )
+    try:
+        return cls.model_validate_json(data)
+    except ValidationError as exc:
+        if any(err["type"] == "json_invalid" for err in exc.errors()):
+            raise ApiError(
+                400, "malformed_body", f"body is not valid JSON: {exc.errors()[0]['msg']}"
+            ) from exc
+        raise
+
+
+def respond(request: Request, model: BaseModel) -> Response:
+    """Answer in msgpack when the client accepts it, JSON otherwise."""
+    if wire.MSGPACK in request.headers.get("accept", ""):
+        return Response(wire.encode(model), media_type=wire.MSGPACK)
+    return Response(model.model_dump_json(), media_type=wire.JSON)
+
+
+def api_key() -> str | None:
+    return os.environ.get(API_KEY_ENV) or None
+
+
+def check_auth(request: Request, *, required: bool) -> None:
+    """401 unless the bearer token matches `RLAD_API_KEY` (when set, or when `required`)."""
+    expected = api_key()
+    if expected is None:
+        if required:
+            raise ApiError(
+                401,
+                "unauthorized",
+                f"this endpoint needs a bearer token: set {API_KEY_ENV} on the server and client",
+            )
+        return
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
+        raise ApiError(401, "unauthorized", f"missing or wrong bearer token (see {API_KEY_ENV})")
+
+
+def create_base_app(
+    *,
+    title: str,
+    description: str,
+    registry: CollectorRegistry,
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]],
+    is_ready: Callable[[], bool],
+) -> FastAPI:
+    """A FastAPI app with the shared error handlers, auth middleware, `/health`, `/metrics`."""
+    app = FastAPI(title=title, description=description, lifespan=lifespan)
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        # /health and /metrics stay open so orchestrators and Prometheus can probe them.
+        if request.url.path not in ("/health", "/metrics"):
+            try:
+                check_auth(request, required=False)
+            except ApiError as exc:
+                return error_response(exc.status, exc.type, exc.message)
+        response: Response = await call_next(request)
+        return response
+
+    @app.get("/health", summary="Liveness and readiness")
+    async def health() -> Response:
+        if not is_ready():
+            return error_response(503, "starting", "the engine is still loading")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

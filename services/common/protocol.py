@@ -1,0 +1,233 @@
+"""Wire schemas shared by every server, client and worker (DESIGN.md section 2).
+
+Token ids are the truth everywhere; text is only for humans. Every request and response
+crosses the wire as JSON or as the compact msgpack body of `services.common.wire`, and is
+validated by these models on both ends — nothing builds or reads a raw dict.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class WireModel(BaseModel):
+    """Base of every schema: unknown fields are rejected so typos fail loudly."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------- errors and info
+
+
+class ErrorBody(WireModel):
+    type: str = Field(description="Machine-readable kind, e.g. `invalid_request`, `overloaded`.")
+    message: str = Field(description="What went wrong and how to fix it.")
+    detail: list[dict[str, object]] | None = Field(
+        default=None, description="Per-field validation problems, when there are any."
+    )
+
+
+class ErrorResponse(WireModel):
+    """The one error shape every server answers with, whatever the status code."""
+
+    error: ErrorBody = Field(description="What went wrong.")
+
+
+class ServerInfo(WireModel):
+    role: Literal["teacher", "rollout"] = Field(description="Which kind of server this is.")
+    model: str = Field(description="Model id or path the server was started with.")
+    revision: str = Field(description="Hash of the loaded weights (changes on every update).")
+    backend: Literal["vllm", "hf"] = Field(description="Inference engine: vLLM or transformers.")
+    vocab_size: int = Field(description="Rows of the model's embedding matrix.")
+    tokenizer_fingerprint: str = Field(description="See `services.common.tokenizer_check`.")
+    max_model_len: int = Field(description="Longest sequence (prompt + completion) accepted.")
+    policy_version: int | None = Field(
+        default=None, description="Rollout servers: version of the weights now serving."
+    )
+
+
+# ---------------------------------------------------------------- teacher scoring
+
+
+class ScoreSequence(WireModel):
+    token_ids: list[int] = Field(
+        min_length=2, description="Full sequence (prompt + completion) as token ids."
+    )
+    start: int = Field(
+        default=1,
+        ge=1,
+        description="Index of the first token to score; tokens `start..len-1` are scored, "
+        "each conditioned on all tokens before it.",
+    )
+
+    @model_validator(mode="after")
+    def _start_inside(self) -> ScoreSequence:
+        if not self.token_ids:
+            raise ValueError("token_ids is empty: send at least two tokens")
+        if self.start >= len(self.token_ids):
+            raise ValueError(
+                f"start={self.start} is out of range for {len(self.token_ids)} tokens "
+                f"(must be 1..{len(self.token_ids) - 1})"
+            )
+        return self
+
+
+class ScoreRequest(WireModel):
+    sequences: list[ScoreSequence] = Field(min_length=1, description="Sequences to score.")
+    top_k: int = Field(default=0, ge=0, le=64, description="Also return the k most likely ids.")
+
+
+class SequenceScores(WireModel):
+    logprobs: list[float] = Field(description="Logprob of each scored token, `start..len-1`.")
+    top_k_ids: list[list[int]] | None = Field(
+        default=None, description="[n_scored][k] most likely ids per scored position, best first."
+    )
+    top_k_logprobs: list[list[float]] | None = Field(
+        default=None, description="[n_scored][k] logprobs of `top_k_ids`."
+    )
+
+
+class ScoreResponse(WireModel):
+    model: str = Field(description="Teacher model id or path.")
+    revision: str = Field(description="Hash of the teacher weights that computed the scores.")
+    scores: list[SequenceScores] = Field(description="One entry per request sequence, in order.")
+
+
+# ---------------------------------------------------------------- rollout generation
+
+
+class SamplingParams(WireModel):
+    n: int = Field(default=1, ge=1, le=256, description="Completions per prompt (G).")
+    temperature: float = Field(default=1.0, ge=0.0, le=10.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=-1, ge=-1, description="-1 disables top-k filtering.")
+    max_tokens: int = Field(default=256, ge=1)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    seed: int | None = Field(default=None, description="Same seed and weights: same samples.")
+
+
+class GenerateRequest(WireModel):
+    prompts: list[list[int]] | None = Field(default=None, description="Prompts as token ids.")
+    prompt_texts: list[str] | None = Field(default=None, description="Prompts as text.")
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+
+    @model_validator(mode="after")
+    def _one_prompt_form(self) -> GenerateRequest:
+        if (self.prompts is None) == (self.prompt_texts is None):
+            raise ValueError("give exactly one of `prompts` (token ids) or `prompt_texts`")
+        given = self.prompts if self.prompts is not None else self.prompt_texts
+        if not given:
+            raise ValueError("no prompts given")
+        if self.prompts is not None:
+            for i, prompt in enumerate(self.prompts):
+                if not prompt:
+                    raise ValueError(f"prompts[{i}] is empty")
+        return self
+
+
+class Completion(WireModel):
+    token_ids: list[int]
+    logprobs: list[float] = Field(description="Sampling logprob of each generated token.")
+    finish_reason: FinishReason
+    text: str | None = None
+
+
+class PromptCompletions(WireModel):
+    prompt_token_ids: list[int]
+    completions: list[Completion]
+
+
+class GenerateResponse(WireModel):
+    policy_version: int = Field(description="The weights version that produced every token.")
+    results: list[PromptCompletions]
+
+
+# ---------------------------------------------------------------- weight updates
+
+
+class WeightProbe(WireModel):
+    """A fixed sequence and the logprobs the sender computed for it with the new weights."""
+
+    token_ids: list[int] = Field(min_length=2)
+    logprobs: list[float] = Field(description="Logprob of tokens 1..len-1 under the new weights.")
+    atol: float = Field(default=1e-3, gt=0.0)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> WeightProbe:
+        if len(self.logprobs) != len(self.token_ids) - 1:
+            raise ValueError("probe needs one logprob per token after the first")
+        return self
+
+
+class WeightUpdateRequest(WireModel):
+    """Load weights from a safetensors file or folder on a volume both sides can read."""
+
+    version: int = Field(ge=0, description="Must be greater than the serving version.")
+    path: str | None = Field(default=None, description="Shared-volume transport: file or folder.")
+    sha256: dict[str, str] | None = Field(
+        default=None, description="Per-file sha256 the server checks before loading."
+    )
+    probe: WeightProbe | None = None
+
+
+class NcclInitRequest(WireModel):
+    """GPU rollout servers: join the trainer's NCCL group (vLLM's weight-transfer engine)."""
+
+    init_info: dict[str, Any] = Field(
+        description="vLLM `NCCLWeightTransferInitInfo` fields (master_address, master_port, "
+        "rank_offset, world_size, packed ...), as vLLM's trainer engine sends them."
+    )
+
+
+class NcclStartRequest(WireModel):
+    version: int = Field(ge=0, description="Must be greater than the serving version.")
+
+
+class NcclUpdateRequest(WireModel):
+    update_info: dict[str, Any] = Field(
+        description="vLLM `NCCLWeightTransferUpdateInfo`: names, dtype_names, shapes."
+    )
+
+
+class NcclFinishRequest(WireModel):
+    probe: WeightProbe | None = None
+
+
+class WeightUpdateResponse(WireModel):
+    policy_version: int
+    revision: str
+    transport: Literal["file", "http", "nccl"]
+    bytes: int
+    duration_s: float
+    probe_max_abs_diff: float | None = None
+
+
+# ---------------------------------------------------------------- queue messages
+
+
+class CompletionRecord(WireModel):
+    token_ids: list[int]
+    rollout_logprobs: list[float]
+    reward: float
+    finish_reason: FinishReason
+    correct: bool | None = Field(default=None, description="Task verdict, for accuracy metrics.")
+    teacher_logprobs: list[float] | None = None
+
+
+class RolloutGroup(WireModel):
+    """One queue message: G completions of one prompt, as produced and then as scored."""
+
+    group_id: str
+    prompt_id: str
+    task: str
+    policy_version: int
+    prompt_token_ids: list[int]
+    completions: list[CompletionRecord]
+    teacher_revision: str | None = None
+    timestamps: dict[str, float] = Field(
+        default_factory=dict, description="Unix time per stage: generated, scored, trained."
+    )

@@ -1,1 +1,0 @@
-"""Thin entry points, one per `rlad` subcommand: parse options, import lazily, run."""

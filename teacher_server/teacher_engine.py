@@ -1,0 +1,117 @@
+"""The teacher engine interface, shared by the vLLM and transformers backends.
+
+An engine is a plain Python object usable in-process (tests, benchmarks) and behind the
+HTTP app. Its methods are synchronous and block while the model runs: the app calls them
+from a worker thread, never on the event loop.
+
+    engine = load_engine(TeacherServerConfig(model="path/to/teacher", backend="hf"))
+    response = engine.score(ScoreRequest(sequences=[ScoreSequence(token_ids=ids, start=5)]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from services.common.http_server import ApiError
+from services.common.protocol import (
+    ScoreRequest,
+    ScoreResponse,
+    ScoreSequence,
+    SequenceScores,
+    ServerInfo,
+)
+from teacher_server.config import TeacherServerConfig
+
+
+class TeacherEngine(Protocol):
+    def info(self) -> ServerInfo:
+        """Model id, weights revision, vocab size, tokenizer fingerprint, max length."""
+        ...
+
+    def score_sequences(
+        self, sequences: Sequence[ScoreSequence], top_k: int
+    ) -> list[SequenceScores]:
+        """Logprobs of tokens `start..len-1` of each (already validated) sequence. Blocking."""
+        ...
+
+    def score(self, request: ScoreRequest) -> ScoreResponse:
+        """Validate and score a whole request in one call. Blocking."""
+        ...
+
+    def close(self) -> None:
+        """Release the model (and any engine processes)."""
+        ...
+
+
+class EngineBase:
+    """`info`, validation and `score` on top of a backend's `score_sequences`."""
+
+    def __init__(self, config: TeacherServerConfig, server_info: ServerInfo) -> None:
+        self.config = config
+        self.server_info = server_info
+
+    def info(self) -> ServerInfo:
+        return self.server_info
+
+    def score_sequences(
+        self, sequences: Sequence[ScoreSequence], top_k: int
+    ) -> list[SequenceScores]:
+        raise NotImplementedError
+
+    def score(self, request: ScoreRequest) -> ScoreResponse:
+        validate_request(request, self.server_info, self.config)
+        return ScoreResponse(
+            model=self.server_info.model,
+            revision=self.server_info.revision,
+            scores=self.score_sequences(request.sequences, request.top_k),
+        )
+
+    def close(self) -> None:
+        return None
+
+
+def validate_request(request: ScoreRequest, info: ServerInfo, config: TeacherServerConfig) -> None:
+    """Refuse what the model cannot score, naming the offending sequence and token.
+
+    The schema already refuses empty lists and a `start` outside the sequence; this adds
+    what depends on the loaded model: token ids inside the vocabulary, lengths within
+    `max_model_len`, and the per-request token and top-k limits.
+    """
+    if request.top_k > config.max_top_k:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"top_k={request.top_k} exceeds this server's max_top_k ({config.max_top_k})",
+        )
+    total = sum(len(seq.token_ids) for seq in request.sequences)
+    if total > config.max_request_tokens:
+        raise ApiError(
+            413,
+            "too_large",
+            f"request carries {total} tokens in {len(request.sequences)} sequences, over the "
+            f"limit of {config.max_request_tokens}; split it into smaller requests",
+        )
+    for index, seq in enumerate(request.sequences):
+        if len(seq.token_ids) > info.max_model_len:
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"sequences[{index}] has {len(seq.token_ids)} tokens, over max_model_len "
+                f"{info.max_model_len}",
+                detail=[{"loc": ["sequences", str(index), "token_ids"], "msg": "too long"}],
+            )
+        ids = seq.token_ids
+        if ids and min(ids) >= 0 and max(ids) < info.vocab_size:
+            continue
+        outside = [pos for pos, token in enumerate(ids) if not 0 <= token < info.vocab_size]
+        pos = outside[0]
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"sequences[{index}].token_ids[{pos}] = {ids[pos]} is outside the vocabulary "
+            f"(0..{info.vocab_size - 1}); {len(outside)} such ids in this sequence",
+            detail=[
+                {"loc": ["sequences", str(index), "token_ids", str(pos)], "msg": "not in vocab"}
+            ],
+        )
