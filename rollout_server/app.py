@@ -166,14 +166,16 @@ def create_app(config: RolloutServerConfig, engine: RolloutEngine | None = None)
 def add_nccl_routes(app: FastAPI, config: RolloutServerConfig, ready: Any) -> None:
     """`/v1/weights/nccl/*`: the control plane of vLLM's NCCL transfer (GPU servers only)."""
 
-    def updates(request: Request) -> Any:
+    from rollout_server.nccl import NcclUpdates  # imports CUDA-only vLLM code: here alone
+
+    # One control plane for the engine's lifetime (the config allows NCCL with vLLM only).
+    held: list[NcclUpdates] = []
+
+    def updates(request: Request) -> NcclUpdates:
         check_auth(request, required=not config.loopback_only)
-        nccl = getattr(ready(), "nccl", None)
-        if nccl is None:
-            raise ApiError(
-                501, "not_supported", "start the vLLM backend with --nccl-weight-transfer"
-            )
-        return nccl
+        if not held:
+            held.append(NcclUpdates(ready()))
+        return held[0]
 
     @app.post("/v1/weights/nccl/init", summary="Join the trainer's NCCL group")
     async def nccl_init(request: Request) -> Response:

@@ -86,11 +86,6 @@ class VLLMRolloutEngine(VersionedEngine):
         self.llm = AsyncLLM.from_engine_args(args)
         super().__init__(config, facts, AutoTokenizer.from_pretrained(facts.path))
         self._running: set[str] = set()
-        self.nccl = None
-        if config.nccl_weight_transfer:
-            from rollout_server.nccl import NcclUpdates
-
-            self.nccl = NcclUpdates(self)
         log.info("vllm engine ready: %s", config.model)
 
     # ------------------------------------------------------------ sampling
