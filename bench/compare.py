@@ -34,6 +34,7 @@ from transformers import AutoTokenizer
 
 from services.clients.rollout import RolloutClient
 from services.common.model_files import resolve_model_dir, weights_revision
+from services.config.algorithm import switch_algorithm
 from services.config.run import RunConfig
 from services.evaluation.evaluate import EvalConfig, EvalReport, evaluate, print_rows
 from services.launch.plots import running_mean
@@ -42,8 +43,8 @@ from services.tasks import load_task
 from trainer.metrics_sink import read_metrics
 
 ALGORITHMS: dict[str, dict[str, Any]] = {  # arm name -> overrides of the base config
-    "GRPO": {"algorithm": {"name": "grpo", "alpha": 1.0}, "scorer": {"mode": "passthrough"}},
-    "KDRL": {"algorithm": {"name": "kdrl", "alpha": 1.0}},
+    "GRPO": {"algorithm": {"name": "grpo"}, "scorer": {"mode": "passthrough"}},
+    "KDRL": {"algorithm": {"name": "kdrl"}},
     "RLAD": {"algorithm": {"name": "trrd", "alpha": 0.5}},
 }
 WINDOW = 10  # steps in the running mean of the reward curves
@@ -88,7 +89,10 @@ def settings_key(eval_config: EvalConfig, models: list[str], run: RunConfig | No
 
 def arm_config(base: dict[str, Any], changes: dict[str, Any], name: str, seed: int) -> RunConfig:
     seeded = {"trainer": {"seed": seed}, "rollout": {"seed": seed}, "name": f"{name}-s{seed}"}
-    return RunConfig.model_validate(merged(merged(base, changes), seeded))
+    config = merged(merged(base, changes), seeded)
+    # The base's block may be another algorithm's (TRRD's alpha): keep what this arm's shares.
+    config["algorithm"] = switch_algorithm(config["algorithm"], config["algorithm"]["name"])
+    return RunConfig.model_validate(config)
 
 
 def run_arm(

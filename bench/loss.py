@@ -31,8 +31,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from services.common.logprobs import selective_log_softmax
+from services.config.algorithm import AlgorithmConfig, GrpoConfig, KdrlConfig, TrrdConfig
 from trainer.advantages import group_advantages
-from trainer.algorithm import AlgorithmConfig
 from trainer.loss import LossInputs, policy_loss
 
 GROUP_SIZE = 8
@@ -53,7 +53,7 @@ def realistic_batch(batch: int, time_steps: int, seed: int) -> dict[str, torch.T
     noise = torch.randn(shape, generator=gen)
     lengths = torch.randint(time_steps // 8, time_steps + 1, (batch,), generator=gen)
     rewards = torch.randint(0, 2, (batch // GROUP_SIZE, GROUP_SIZE), generator=gen).float()
-    advantages, _ = group_advantages(rewards, AlgorithmConfig())
+    advantages, _ = group_advantages(rewards, TrrdConfig())
     return {
         "logp": logp,
         "old": (logp + 0.05 * noise).clamp(max=0.0),
@@ -164,10 +164,10 @@ def main() -> None:
     data = realistic_batch(args.batch, args.time, seed=0)
     tokens = int(data["mask"].sum())
     configs = {
-        "grpo": AlgorithmConfig(name="grpo"),
-        "trrd": AlgorithmConfig(name="trrd"),
-        "trrd-anchor": AlgorithmConfig(name="trrd", clamp_mode="anchor"),
-        "kdrl": AlgorithmConfig(name="kdrl"),
+        "grpo": GrpoConfig(),
+        "trrd": TrrdConfig(),
+        "trrd-anchor": TrrdConfig(clamp_mode="anchor"),
+        "kdrl": KdrlConfig(),
     }
     times = time_interleaved(
         {name: loss_step(data, config) for name, config in configs.items()}, args.repeats

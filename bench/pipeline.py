@@ -26,9 +26,12 @@ import yaml
 
 from services.bootstrap.tiny_models import save_tiny_model
 from services.common.protocol import CompletionRecord, RolloutGroup
+from services.config.algorithm import switch_algorithm
 from services.config.run import RunConfig
 from services.launch.up import up
-from services.queue.streams import ROLLOUTS, GroupQueue, embedded_url, start_embedded_redis
+from services.queue.connection import embedded_url, start_embedded_redis
+from services.queue.keys import ROLLOUTS
+from services.queue.queues import GroupQueue
 from trainer.metrics_sink import read_metrics
 
 WARMUP_STEPS = 2
@@ -113,14 +116,16 @@ def main() -> None:
         print("(a) RLAD vs GRPO, teacher as its own server")
         rlad = run(config, "rlad")
         grpo = run(
-            config, "grpo", algorithm__name="grpo", algorithm__alpha=1.0, scorer__mode="passthrough"
+            config,
+            "grpo",
+            algorithm=switch_algorithm(config["algorithm"], "grpo"),
+            scorer__mode="passthrough",
         )
 
         print("(b) pipelined vs sequential, 200 ms per teacher request")
-        latency = ["--inject-latency-ms", "200"]
-        pipelined = run(config, "async", teacher_server__extra_args=latency)
+        pipelined = run(config, "async", teacher_server__inject_latency_ms=200)
         sequential = run(
-            config, "sync", teacher_server__extra_args=latency, rollout__synchronous=True
+            config, "sync", teacher_server__inject_latency_ms=200, rollout__synchronous=True
         )
 
         group_size = config["rollout"]["group_size"]

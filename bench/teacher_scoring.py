@@ -30,9 +30,9 @@ from services.bootstrap.tiny_models import save_tiny_model
 from services.clients.teacher import TeacherClient
 from services.common.protocol import ScoreRequest, ScoreSequence
 from services.common.runtime import free_port
+from services.config.servers import TeacherServerConfig
 from services.launch.processes import ManagedProcess
 from teacher_server.backends import load_engine
-from teacher_server.config import TeacherServerConfig
 
 RLAD = str(Path(sys.executable).parent / "rlad")
 VOCAB = 128

@@ -29,7 +29,6 @@ from prometheus_client import CollectorRegistry
 from starlette.requests import ClientDisconnect
 
 from rollout_server.backends import load_engine
-from rollout_server.config import RolloutServerConfig
 from rollout_server.metrics import RolloutMetrics
 from rollout_server.rollout_engine import RolloutEngine
 from rollout_server.staging import UPLOAD_FILE
@@ -46,6 +45,7 @@ from services.common.protocol import (
     WeightUpdateRequest,
     WeightUpdateResponse,
 )
+from services.config.servers import RolloutServerConfig
 
 DESCRIPTION = """Samples completions with the current student weights and accepts
 versioned, verified weight updates. Bodies are JSON or msgpack (`application/msgpack`);

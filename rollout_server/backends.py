@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from rollout_server.config import RolloutServerConfig
 from rollout_server.rollout_engine import RolloutEngine
+from services.config.servers import RolloutServerConfig
 
 
 def load_engine(config: RolloutServerConfig) -> RolloutEngine:

@@ -25,7 +25,6 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from rollout_server.config import RolloutServerConfig
 from rollout_server.staging import StagedWeights
 from rollout_server.versioned import VersionedEngine
 from services.common.logprobs import selective_log_softmax, sequence_logprobs
@@ -37,6 +36,7 @@ from services.common.protocol import (
     SamplingParams,
     WeightProbe,
 )
+from services.config.servers import RolloutServerConfig
 from services.weights.probe import check_probe
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,8 @@ An update is staged in a folder of its own before the engine sees it: the HTTP b
 streamed to disk while its sha256 is computed, a shared-volume file is hard-linked (or
 copied), then every header is checked against the model's schema (names, shapes, float
 dtypes), the checksums are compared, and tied models get `lm_head.weight` written next
-to the rest (vLLM's CPU build keeps the old head otherwise; see ENVIRONMENT.md). Only a
+to the rest (vLLM's CPU build keeps the old head otherwise; see
+docs/platform-notes.md#weight-reload-and-tied-embeddings). Only a
 folder that passed all of that is handed to the engine. Any failure is an `ApiError`
 that names the problem; the serving weights were never touched.
 

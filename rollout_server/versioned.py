@@ -6,7 +6,7 @@ An update, whatever its transport:
 1. refuse early: version not above the serving one (409), checksum or probe missing when
    required (422);
 2. stage: receive or link the files into a fresh folder, hash them, check names, shapes,
-   dtypes and checksums (`weights.verify_staged`); generation goes on meanwhile;
+   dtypes and checksums (`staging.verify_staged`); generation goes on meanwhile;
 3. swap, under the gate's exclusive side: in-flight generations finish or are aborted,
    the backend loads the folder, resets caches and scores the probe; on any failure it
    restores the previous weights before raising;
@@ -26,7 +26,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
 
-from rollout_server.config import RolloutServerConfig
 from rollout_server.gate import VersionGate
 from rollout_server.rollout_engine import completion_budgets, resolve_prompts
 from rollout_server.staging import (
@@ -50,6 +49,7 @@ from services.common.protocol import (
     WeightUpdateRequest,
     WeightUpdateResponse,
 )
+from services.config.servers import RolloutServerConfig
 
 log = logging.getLogger(__name__)
 Transport = Literal["file", "http", "nccl"]

@@ -6,8 +6,9 @@ top-k/top-p, i.e. under the distribution the token was drawn from (vLLM's defaul
 
 Weight updates use the worker's `reload_weights(weights_path=folder)`, which re-runs the
 CPU build's weight repacking (plain `load_weights` fails there) and is exact when the
-folder carries every tensor, `lm_head.weight` of tied models included (ENVIRONMENT.md;
-`weights.verify_staged` guarantees both). The prefix cache is reset after each load, or
+folder carries every tensor, `lm_head.weight` of tied models included
+(docs/platform-notes.md#weight-reload-and-tied-embeddings; `staging.verify_staged`
+guarantees both). The prefix cache is reset after each load, or
 cached KV from the old weights would leak into new requests. A load whose probe fails is
 rolled back by reloading the folder that served before. Scripts that create this engine
 need the `if __name__ == "__main__":` guard (vLLM spawns its engine core).
@@ -23,7 +24,6 @@ from typing import Any
 
 import torch
 
-from rollout_server.config import RolloutServerConfig
 from rollout_server.staging import StagedWeights
 from rollout_server.versioned import VersionedEngine
 from services.common.http_server import ApiError
@@ -35,10 +35,10 @@ from services.common.protocol import (
     SamplingParams,
     WeightProbe,
 )
+from services.config.servers import RolloutServerConfig
 from services.weights.probe import check_probe
 
 log = logging.getLogger(__name__)
-GIB = 1024**3
 FINISH_REASONS: dict[str | None, FinishReason] = {"stop": "stop", "length": "length"}
 
 
@@ -57,8 +57,8 @@ class VLLMRolloutEngine(VersionedEngine):
 
         facts = describe_model(config.model, config.max_model_len)
         extra: dict[str, Any] = {}
-        if config.kv_cache_gib is not None:
-            extra["kv_cache_memory_bytes"] = int(config.kv_cache_gib * GIB)
+        if config.kv_cache_bytes is not None:
+            extra["kv_cache_memory_bytes"] = config.kv_cache_bytes
         if config.nccl_weight_transfer:
             from vllm.config.weight_transfer import WeightTransferConfig
 

@@ -29,10 +29,10 @@ from services.common.protocol import (
     SequenceScores,
     ServerInfo,
 )
+from services.config.servers import TeacherServerConfig
 from teacher_server.backends import load_engine
 from teacher_server.batcher import DynamicBatcher
 from teacher_server.cache import LogprobCache, cache_key
-from teacher_server.config import TeacherServerConfig
 from teacher_server.metrics import TeacherMetrics
 from teacher_server.teacher_engine import TeacherEngine, validate_request
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from teacher_server.config import TeacherServerConfig
+from services.config.servers import TeacherServerConfig
 from teacher_server.teacher_engine import EngineBase
 
 

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from services.common.logprobs import selective_log_softmax, sequence_logprobs
 from services.common.model_files import describe_model
 from services.common.protocol import ScoreSequence, SequenceScores
-from teacher_server.config import TeacherServerConfig
+from services.config.servers import TeacherServerConfig
 from teacher_server.teacher_engine import EngineBase
 
 log = logging.getLogger(__name__)

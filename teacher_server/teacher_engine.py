@@ -21,7 +21,7 @@ from services.common.protocol import (
     SequenceScores,
     ServerInfo,
 )
-from teacher_server.config import TeacherServerConfig
+from services.config.servers import TeacherServerConfig
 
 
 class TeacherEngine(Protocol):

@@ -15,7 +15,7 @@ from typing import Any
 
 from services.common.model_files import describe_model
 from services.common.protocol import ScoreSequence, SequenceScores
-from teacher_server.config import TeacherServerConfig
+from services.config.servers import TeacherServerConfig
 from teacher_server.teacher_engine import EngineBase
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class VLLMTeacherEngine(EngineBase):
             # Cached prefixes are not recomputed, so they would have no prompt logprobs.
             enable_prefix_caching=False,
             max_logprobs=max(config.max_top_k, 1),
+            kv_cache_memory_bytes=config.kv_cache_bytes,
         )
         super().__init__(
             config,

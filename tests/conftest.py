@@ -21,7 +21,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL of a real Redis server for this test session."""
     binary = shutil.which("redis-server")
     if binary is None:
-        from services.queue.streams import embedded_url, start_embedded_redis
+        from services.queue.connection import embedded_url, start_embedded_redis
 
         server = start_embedded_redis(tmp_path_factory.mktemp("redis") / "test.db")
         yield embedded_url(server)

@@ -16,9 +16,9 @@ from transformers import AutoModelForCausalLM
 
 from services.common.protocol import ScoreSequence
 from services.common.runtime import free_port
+from services.config.servers import TeacherServerConfig
 from services.launch.processes import ManagedProcess
 from teacher_server.app import create_app
-from teacher_server.config import TeacherServerConfig
 from teacher_server.teacher_engine import TeacherEngine
 
 RLAD = str(Path(sys.executable).parent / "rlad")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.algorithm import AlgorithmConfig
+from services.config.algorithm import AlgorithmConfig
 
 STD_EPS = 1e-6
 

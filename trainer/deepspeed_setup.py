@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from services.common.runtime import free_port
-from trainer.config import TrainerConfig
+from services.config.trainer import TrainerConfig
 
 
 def init_distributed() -> tuple[int, int]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from trainer.algorithm import AlgorithmConfig
+from services.config.algorithm import AlgorithmConfig, KdrlConfig
 from trainer.surrogate import (
     clipped_ratio,
     divergence,
@@ -40,7 +40,7 @@ class LossInputs:
     entropy: torch.Tensor | None = None  # [B, T] policy entropy, no grad; a metric only
 
 
-def kd_beta(step: int, config: AlgorithmConfig) -> float:
+def kd_beta(step: int, config: KdrlConfig) -> float:
     """KDRL's β_kd: linear from kd_beta_start at step 0 to kd_beta_end at kd_anneal_steps."""
     if config.kd_anneal_steps == 0:
         return config.kd_beta_end
@@ -91,7 +91,8 @@ def _check_inputs(inputs: LossInputs, config: AlgorithmConfig, has_tokens: bool)
         raise ValueError(f"algorithm {config.name!r} needs teacher_logprobs; use 'grpo' without")
     if config.kl_beta > 0 and inputs.ref_logprobs is None:
         raise ValueError("kl_beta > 0 needs ref_logprobs (the reference model's logprobs)")
-    if config.kd_reward_masking and inputs.correct is None and has_tokens:
+    masking = isinstance(config, KdrlConfig) and config.kd_reward_masking
+    if masking and inputs.correct is None and has_tokens:
         raise ValueError("kd_reward_masking needs `correct` (a verdict for every completion)")
 
 
@@ -129,9 +130,8 @@ def policy_loss(
         metric_sums: dict[str, torch.Tensor] = {}  # name -> Σ over loss tokens
 
         # Policy term: −A·clip(r), optionally reweighted by the truncated IS weight.
-        teacher = inputs.teacher_logprobs if config.name == "trrd" else None
         old = inputs.old_logprobs.float()
-        ratio = trrd_ratio(logp, old, teacher, mask, config)
+        ratio = trrd_ratio(logp, old, inputs.teacher_logprobs, mask, config)
         clipped = clipped_ratio(ratio.ratio, advantages, config)
         policy_weights = mask * (scale * advantages.neg()).unsqueeze(1)  # [B, T] s·(−A)
         if config.tis_cap is not None:
@@ -168,7 +168,7 @@ def policy_loss(
                 values["kl_loss"] = _masked_sum(kl, kl_weights)
                 grad.addcmul_(kl_grad, kl_weights)
 
-        if config.name == "kdrl":
+        if isinstance(config, KdrlConfig):
             assert inputs.teacher_logprobs is not None  # checked above
             kd, kd_grad = divergence(logp, inputs.teacher_logprobs.float(), config.kd_estimator)
             kd_scale = scale * kd_beta(step, config)  # [B]
@@ -181,7 +181,7 @@ def policy_loss(
 
         value = torch.stack(list(values.values())).sum()
         metrics = _metrics(values, metric_sums, tokens, total_tokens)
-        if config.name == "kdrl":
+        if isinstance(config, KdrlConfig):
             metrics["kd_beta"] = kd_beta(step, config)
     grad = grad.to(inputs.trainer_logprobs.dtype)
     return _PrecomputedGradient.apply(inputs.trainer_logprobs, value, grad), metrics

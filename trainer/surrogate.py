@@ -4,7 +4,7 @@ Every term of the loss is a weighted sum over tokens of a per-token function of 
 trainer's logprob `logp`, so `trainer.loss` evaluates the values and the derivatives in
 one no-grad pass and hands the summed derivative to autograd (no graph over [B, T]
 intermediates, no second pass in backward). The tests check each derivative against
-plain autograd on the formulas as written in DESIGN.md section 4.
+plain autograd on the formulas as written in docs/design.md#the-math.
 
 Indicators are float 1/0 tensors written with `out=` rather than bool masks: on the CPU
 a bool mask followed by `where`/`masked_fill` costs more than the whole ratio.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.algorithm import AlgorithmConfig, KdEstimator
+from services.config.algorithm import AlgorithmConfig, KdEstimator, TrrdConfig
 
 # exp(20) ~ 4.9e8: log-ratios are capped here so that ratios, losses and gradients stay
 # finite in fp32 for any logprobs (e.g. -1e4 against 0).
@@ -35,7 +35,7 @@ class Ratio:
 def trrd_ratio(
     trainer_logprobs: torch.Tensor,  # [B, T] logp (detached)
     old_logprobs: torch.Tensor,  # [B, T] logp_old
-    teacher_logprobs: torch.Tensor | None,  # [B, T] logp_T; None for grpo / kdrl
+    teacher_logprobs: torch.Tensor | None,  # [B, T] logp_T; read by trrd only
     loss_mask: torch.Tensor,  # [B, T] float
     config: AlgorithmConfig,
 ) -> Ratio:
@@ -47,13 +47,14 @@ def trrd_ratio(
     Both equal `logp − α·logp_old − (1 − α)·logp_T` while the clamp is idle. In ratio
     mode the clamped term is constant beyond ±c, so those tokens move log r at rate α
     only; the anchor mode clamps a constant, so every token keeps slope 1. At exactly
-    ±c the clamp is idle (as torch.clamp's gradient has it). Without a teacher this is
+    ±c the clamp is idle (as torch.clamp's gradient has it). For grpo and kdrl this is
     GRPO's `log r = logp − logp_old`. Buffers are reused in place: on the CPU, fresh
     [B, T] tensors cost more than the arithmetic.
     """
     log_ratio = trainer_logprobs - old_logprobs
     slope = in_band = gap_sum = None
-    if teacher_logprobs is not None:
+    if isinstance(config, TrrdConfig):
+        assert teacher_logprobs is not None, "trainer.loss checks that trrd has a teacher"
         alpha, c = config.alpha, config.teacher_clamp
         if config.clamp_mode == "ratio":
             gap = trainer_logprobs - teacher_logprobs

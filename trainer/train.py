@@ -7,7 +7,7 @@ share of groups as its own consumer (`trainer-<rank>`), drops groups more than
 that contains their update is on disk (see `trainer.checkpoint`).
 
 Run: `rlad train --config configs/tiny-cpu.yaml --rollout-url http://127.0.0.1:8001`
-(several ranks: `torchrun --nproc_per_node 2 -m trainer.main --config ...`).
+(several ranks: `torchrun --nproc_per_node 2 -m services.cli.main train --config ...`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,11 @@ import torch.distributed as dist
 from services.clients.rollout import RolloutClient
 from services.common.logprobs import sequence_logprobs
 from services.common.protocol import RolloutGroup
+from services.config.algorithm import KdrlConfig
 from services.config.run import RunConfig
-from services.queue.streams import SCORED, TRAINER_STATE, Delivery, GroupQueue
+from services.queue.keys import SCORED
+from services.queue.queues import GroupQueue
+from services.queue.streams import Delivery
 from services.weights.probe import make_probe
 from trainer import checkpoint
 from trainer.advantages import group_advantages
@@ -58,6 +61,8 @@ class Trainer:
         self.run = run
         self.config = run.trainer
         self.algorithm = run.algorithm
+        # The sampler's temperature: logprobs under the distribution the samples came from.
+        self.temperature = run.rollout.temperature
         self.queue = queue
         self.should_stop = should_stop
         self.rank, self.world = init_distributed()
@@ -73,7 +78,11 @@ class Trainer:
         self.folder = run.folder
         self.ckpt_dir = self.folder / "checkpoints"
         self.sink = MetricsSink(self.folder, self.config.tensorboard, self.config.wandb_project)
-        self.rollout = RolloutClient(rollout_urls, api_key=api_key) if rollout_urls else None
+        self.rollout = (
+            RolloutClient(rollout_urls, api_key=api_key, deadline_s=self.config.push_timeout_s)
+            if rollout_urls
+            else None
+        )
         self.loop = asyncio.new_event_loop()
         self.progress = checkpoint.Progress()
         self.retrain: list[Delivery] = []
@@ -122,7 +131,7 @@ class Trainer:
             for delivery in deliveries:
                 assert delivery.group is not None
                 lag = self.progress.policy_version - delivery.group.policy_version
-                self.queue.redis.hincrby(TRAINER_STATE, f"staleness_{max(lag, 0)}", 1)
+                self.queue.count_staleness(max(lag, 0))
                 if lag > self.config.max_staleness:
                     stale.append(delivery.message_id)
                 else:
@@ -202,7 +211,7 @@ class Trainer:
     def has_signal(self, batches: list[MicroBatch]) -> bool:
         """Whether any rank's batch carries a gradient: a non-zero advantage on a loss token,
         or a term that does not depend on advantages (KDRL's KD, the KL penalty)."""
-        if self.algorithm.name == "kdrl" or self.algorithm.kl_beta > 0:
+        if isinstance(self.algorithm, KdrlConfig) or self.algorithm.kl_beta > 0:
             return True
         local = any(bool((b.advantages != 0).any()) and b.num_tokens > 0 for b in batches)
         flag = torch.tensor([float(local)])
@@ -217,14 +226,14 @@ class Trainer:
             self.engine,
             batch.input_ids,
             batch.attention_mask,
-            self.config.temperature,
+            self.temperature,
             with_entropy=True,
         )
         ref = None
         if self.ref_model is not None:
             with torch.no_grad():
                 ref, _ = sequence_logprobs(
-                    self.ref_model, batch.input_ids, batch.attention_mask, self.config.temperature
+                    self.ref_model, batch.input_ids, batch.attention_mask, self.temperature
                 )
         inputs = LossInputs(
             trainer_logprobs=logprobs,
@@ -273,14 +282,7 @@ class Trainer:
             f.write(json.dumps(line) + "\n")
 
     def publish_state(self) -> None:
-        self.queue.redis.hset(
-            TRAINER_STATE,
-            mapping={
-                "step": self.progress.step,
-                "policy_version": self.progress.policy_version,
-                "updated_at": time.time(),
-            },
-        )
+        self.queue.publish_trainer_state(self.progress.step, self.progress.policy_version)
 
     def save_checkpoint(self) -> None:
         checkpoint.save(

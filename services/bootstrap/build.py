@@ -9,8 +9,8 @@ the character tokenizer and two Qwen2-architecture models from `services.bootstr
 2. the student gets a short warm-up on the same data, half of whose examples answer at
    once, without the working and without the tags: it learns the format but also the
    habit of a model never taught it, so its reward is above the floor and well below the
-   teacher's, and RL has something it can learn in minutes on a CPU (README, "the
-   embedded demo").
+   teacher's, and RL has something it can learn in minutes on a CPU
+   (docs/results.md#the-embedded-demo-measured).
 Greedy accuracy and mean reward of both on the held-out set are printed and stored in
 `OUT/bootstrap.json`, which is also the cache stamp: each model records the settings it
 was built with, and a second run rebuilds only a model whose settings changed.
@@ -36,7 +36,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from services.bootstrap.sft import SFTConfig, greedy_completions, sft
 from services.bootstrap.tiny_models import SIZES, build_model, build_tokenizer
-from services.tasks import KKTaskConfig
+from services.config.task import KKTaskConfig
 from services.tasks.kk import KKTask
 
 STAMP = "bootstrap.json"
@@ -104,7 +104,10 @@ class BootstrapConfig(BaseModel):
 
     def task_config(self) -> KKTaskConfig:
         return KKTaskConfig(
-            people=self.people, rendering="compact", eval_per_subset=self.eval_per_subset
+            people=self.people,
+            rendering="compact",
+            eval_per_subset=self.eval_per_subset,
+            seed=self.seed,
         )
 
     def fingerprint(self, role: Role) -> str:
@@ -191,7 +194,7 @@ def bootstrap(config: BootstrapConfig, log: Callable[[str], None] = print) -> Bo
     """Build, teach, score and save the pair; a model already built with the same settings
     is kept as it is."""
     torch.set_num_threads(config.threads)
-    task = KKTask(config.task_config(), seed=config.seed)
+    task = KKTask(config.task_config())
     tokenizer = build_tokenizer()
     scores = {role: hit for role in ROLE_SETTINGS if (hit := cached(config, role)) is not None}
     plan: tuple[tuple[Role, int, float, int], ...] = (

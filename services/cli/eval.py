@@ -38,8 +38,9 @@ def command(
     from transformers import AutoTokenizer
 
     from rollout_server.backends import load_engine
-    from rollout_server.config import RolloutServerConfig
-    from services.config.run import load_run_config
+    from services.cli.options import load_run
+    from services.config.servers import RolloutServerConfig
+    from services.config.task import KKTaskConfig, MathTaskConfig, TaskConfig
     from services.evaluation.evaluate import (
         EvalConfig,
         EvalReport,
@@ -47,19 +48,20 @@ def command(
         print_table,
         write_report,
     )
-    from services.tasks import KKTaskConfig, MathTaskConfig, TaskConfig, load_task
+    from services.tasks import load_task
 
+    task_config: TaskConfig
     if config is not None:
-        task_config = load_run_config(config).task
-    else:
-        task_config = TaskConfig(
-            name=task,  # type: ignore[arg-type]
-            kk=KKTaskConfig(
-                people=[int(n) for n in people.split(",")],
-                rendering=rendering,  # type: ignore[arg-type]
-            ),
-            math=MathTaskConfig(eval_path=math_data, hf_dataset=hf_dataset),
+        task_config = load_run(config).task
+    elif task == "kk":
+        task_config = KKTaskConfig(
+            people=[int(n) for n in people.split(",")],
+            rendering=rendering,  # type: ignore[arg-type]
         )
+    elif task == "math":
+        task_config = MathTaskConfig(eval_path=math_data, hf_dataset=hf_dataset)
+    else:
+        raise typer.BadParameter("kk or math", param_hint="--task")
     eval_config = EvalConfig(
         k=k,
         temperature=temperature,

@@ -19,22 +19,26 @@ def command(
     """Feed prompts to the rollout servers and publish one scored-by-reward group per prompt."""
     from transformers import AutoTokenizer
 
+    from services.cli.options import load_run
     from services.clients.rollout import RolloutClient
     from services.common.http_server import api_key
     from services.common.runtime import StopFlag, configure_logging
-    from services.config.run import load_run_config
-    from services.queue.streams import GroupQueue, connect
+    from services.queue.connection import connect_async
+    from services.queue.queues import AsyncQueue
     from services.tasks import load_task
     from services.workers.rollout_worker import RolloutWorker
 
     configure_logging("rollout-worker")
-    run = load_run_config(config)
+    run = load_run(config)
     stop = StopFlag()
-    queue = GroupQueue(connect(redis_url), run.queue)
     tokenizer = AutoTokenizer.from_pretrained(run.student)
 
     async def main() -> None:
-        async with RolloutClient(rollout_url, api_key=api_key()) as client:
+        async with (
+            connect_async(redis_url) as redis_client,
+            RolloutClient(rollout_url, api_key=api_key()) as client,
+        ):
+            queue = await AsyncQueue.open(redis_client, run.queue)
             # Synchronous mode: one trainer batch (B groups), then wait for the new weights.
             sync_batch = run.trainer.batch_prompts if run.rollout.synchronous else None
             worker = RolloutWorker(

@@ -24,35 +24,38 @@ def command(
     ),
 ) -> None:
     """Score groups with the teacher (or pass them through for plain GRPO)."""
+    from services.cli.options import load_run
     from services.clients.discovery import expand_teacher_urls
     from services.clients.rollout import RolloutClient
     from services.clients.teacher import TeacherClient
     from services.common.http_server import api_key
     from services.common.runtime import StopFlag, configure_logging
     from services.common.tokenizer_check import check_compatible
-    from services.config.run import load_run_config
-    from services.queue.streams import GroupQueue, connect
+    from services.queue.connection import connect_async
+    from services.queue.queues import AsyncQueue
     from services.workers.scorer import Scorer
 
     configure_logging("scorer")
-    run = load_run_config(config)
+    run = load_run(config)
     stop = StopFlag()
-    queue = GroupQueue(connect(redis_url), run.queue)
-    if run.scorer.mode == "passthrough":
-        asyncio.run(Scorer(run.scorer, queue, None, consumer).run(stop))
-        return
+    passthrough = run.scorer.mode == "passthrough"
     env_urls = [u for u in os.environ.get("TEACHER_URLS", "").split(",") if u]
-    urls = expand_teacher_urls(teacher_url or env_urls or run.teacher_urls)
-    if not urls:
+    urls = [] if passthrough else expand_teacher_urls(teacher_url or env_urls or run.teacher_urls)
+    if not passthrough and not urls:
         raise typer.BadParameter("no teacher: pass --teacher-url or set TEACHER_URLS")
 
     async def main() -> None:
-        async with TeacherClient(
-            urls, api_key=api_key(), deadline_s=run.scorer.deadline_s
-        ) as client:
-            if rollout_url:
-                async with RolloutClient([rollout_url], api_key=api_key()) as rollout:
-                    check_compatible(await rollout.info(), await client.info())
-            await Scorer(run.scorer, queue, client, consumer).run(stop)
+        async with connect_async(redis_url) as redis_client:
+            queue = await AsyncQueue.open(redis_client, run.queue)
+            if passthrough:
+                await Scorer(run.scorer, queue, None, consumer).run(stop)
+                return
+            async with TeacherClient(
+                urls, api_key=api_key(), deadline_s=run.scorer.deadline_s
+            ) as client:
+                if rollout_url:
+                    async with RolloutClient([rollout_url], api_key=api_key()) as rollout:
+                        check_compatible(await rollout.info(), await client.info())
+                await Scorer(run.scorer, queue, client, consumer).run(stop)
 
     asyncio.run(main())

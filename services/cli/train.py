@@ -16,14 +16,15 @@ def command(
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint."),
 ) -> None:
     """Train the student on scored groups and push each new version to the rollout servers."""
+    from services.cli.options import load_run
     from services.common.http_server import api_key
     from services.common.runtime import StopFlag, configure_logging
-    from services.config.run import load_run_config
-    from services.queue.streams import GroupQueue, connect
+    from services.queue.connection import connect
+    from services.queue.queues import GroupQueue
     from trainer.train import Trainer
 
     configure_logging("trainer")
-    run = load_run_config(config)
+    run = load_run(config)
     stop = StopFlag()
     queue = GroupQueue(connect(redis_url), run.queue)
     trainer = Trainer(run, queue, rollout_url, api_key=api_key(), should_stop=stop)

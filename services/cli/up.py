@@ -20,20 +20,20 @@ def command(
     """Redis, teacher and rollout servers, scorer, rollout worker and trainer, on loopback."""
     from rich.console import Console
 
+    from services.cli.options import load_run
     from services.common.runtime import configure_logging
-    from services.config.run import load_run_config
     from services.launch.up import up
 
-    configure_logging("up")
-    # SIGTERM (kill, a supervisor) must stop the children exactly as Ctrl-C does: raising
-    # KeyboardInterrupt runs the clean-up that stops every process group.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     overrides: dict[str, object] = {}
     if steps is not None:
         overrides["trainer.steps"] = steps
     if name is not None:
         overrides["name"] = name
-    run = load_run_config(config, overrides)
+    run = load_run(config, overrides)
+    configure_logging("up")
+    # SIGTERM (kill, a supervisor) must stop the children exactly as Ctrl-C does: raising
+    # KeyboardInterrupt runs the clean-up that stops every process group.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     folder = up(run, resume=resume, live=live)
     Console().print(
         f"[bold green]done[/bold green]: run folder {folder} "

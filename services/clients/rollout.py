@@ -2,8 +2,9 @@
 
 Same `generate` as the in-process engine (a coroutine), plus `info` and the trainer's
 `push_weights`. Network failures and 502/503/504 are retried here, at the edge, with
-exponential backoff until a deadline (generation fails over to the next server); every
-other error is raised as `RolloutServerError` with the server's reason.
+jittered exponential backoff until a deadline (services/clients/retry.py; generation fails
+over to the next server); every other error is raised as `RolloutServerError` with the
+server's reason.
 
     async with RolloutClient(["http://127.0.0.1:8200"], api_key=key) as client:
         response = await client.generate(GenerateRequest(prompts=[[5, 6, 7]]))
@@ -17,7 +18,6 @@ import asyncio
 import itertools
 import logging
 import shutil
-import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -26,7 +26,9 @@ from typing import Any, Literal, TypeVar
 import httpx
 import torch
 from pydantic import BaseModel, ValidationError
+from tenacity import stop_before_delay
 
+from services.clients.retry import TransientError, backoff
 from services.common import wire
 from services.common.protocol import (
     ErrorResponse,
@@ -42,6 +44,7 @@ from services.weights.push import UPLOAD_FILE, upload_body, upload_headers, writ
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 RETRY_STATUSES = {502, 503, 504}
+MAX_BACKOFF_S = 5.0
 
 
 class RolloutServerError(RuntimeError):
@@ -116,33 +119,43 @@ class RolloutClient:
         prove the request was not processed (a refused connection, 503 while the engine
         loads), since a weight update must not be replayed after a server may have applied it.
         """
-        deadline = time.monotonic() + self.deadline_s
-        for attempt in itertools.count():
-            url = urls[attempt % len(urls)]
+        turn = itertools.cycle(urls)
+        retry_statuses = {503} if connect_only else RETRY_STATUSES
+
+        async def attempt() -> httpx.Response:
+            url = next(turn)
             body = content() if content is not None else None
             try:
                 response = await self._http.request(
                     method, url + path, content=body, headers=headers
                 )
-                retry = {503} if connect_only else RETRY_STATUSES
-                if response.status_code not in retry:
-                    _raise_for_error(url, response)
-                    return response
-                problem = f"HTTP {response.status_code}"
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                problem = f"{type(exc).__name__}: {exc}"
+                raise TransientError(f"{type(exc).__name__}: {exc}", url) from exc
             except httpx.TransportError as exc:
                 if connect_only:
                     raise
-                problem = f"{type(exc).__name__}: {exc}"
-            pause = min(self.backoff_s * 2**attempt, 5.0)
-            if time.monotonic() + pause > deadline:
-                raise RolloutServerError(
-                    url, 503, "unavailable", f"{method} {path} failed until the deadline: {problem}"
-                )
-            log.warning("%s%s: %s; retrying in %.2fs", url, path, problem, pause)
-            await asyncio.sleep(pause)
-        raise AssertionError("unreachable")
+                raise TransientError(f"{type(exc).__name__}: {exc}", url) from exc
+            if response.status_code in retry_statuses:
+                raise TransientError(f"HTTP {response.status_code}", url)
+            _raise_for_error(url, response)
+            return response
+
+        policy = backoff(
+            TransientError,
+            stop_before_delay(self.deadline_s),
+            initial_s=self.backoff_s,
+            max_s=MAX_BACKOFF_S,
+            log=log,
+        )
+        try:
+            return await policy(attempt)
+        except TransientError as exc:
+            raise RolloutServerError(
+                exc.url,
+                503,
+                "unavailable",
+                f"{method} {path} failed until the deadline: {exc.reason}",
+            ) from exc
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
         """Sample on the next server in turn (failing over to the others)."""

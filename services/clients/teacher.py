@@ -2,10 +2,11 @@
 
 Large batches are split by tokens and the parts sent concurrently; each part goes to the
 replica with the fewest outstanding requests among those whose circuit breaker is closed,
-is retried with jittered backoff on another replica when one fails, and everything is
-bounded by one deadline per call. Past the deadline `TeacherUnavailable` names every
-replica and its last failure. A background task polls `/health` so that a dead replica is
-skipped before a request fails on it, and a recovered one is used again.
+fails over at once to another replica when one fails, backs off with jitter once every
+replica has failed (services/clients/retry.py), and everything is bounded by one deadline
+per call. Past the deadline `TeacherUnavailable` names every replica and its last failure.
+A background task polls `/health` so that a dead replica is skipped before a request fails
+on it, and a recovered one is used again.
 
     async with TeacherClient(["http://10.0.0.5:8100", "http://10.0.0.6:8100"]) as teacher:
         response = await teacher.score([ScoreSequence(token_ids=ids, start=len(prompt))])
@@ -15,16 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
-import random
 import time
 from types import TracebackType
 from typing import TypeVar
 
 import httpx
 from pydantic import BaseModel
+from tenacity import stop_before_delay
 
 from services.clients.replicas import Replica, ReplicaSet, split_batches
+from services.clients.retry import TransientError, backoff
 from services.common import wire
 from services.common.http_server import API_KEY_ENV
 from services.common.protocol import (
@@ -36,6 +39,7 @@ from services.common.protocol import (
 )
 from services.common.tokenizer_check import check_compatible
 
+log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -161,15 +165,29 @@ class TeacherClient:
     async def _request(
         self, method: str, path: str, body: bytes | None, cls: type[M], deadline: float
     ) -> M:
+        policy = backoff(
+            TransientError,
+            stop_before_delay(deadline - time.monotonic()),
+            initial_s=self.backoff_s,
+            max_s=self.max_backoff_s,
+            log=log,
+            level=logging.DEBUG,  # only the final `TeacherUnavailable` matters to callers
+        )
+        try:
+            return await policy(self._round, method, path, body, cls, deadline)
+        except TransientError as exc:
+            raise self._unavailable(f"{method} {path}") from exc
+
+    async def _round(
+        self, method: str, path: str, body: bytes | None, cls: type[M], deadline: float
+    ) -> M:
+        """One go on each usable replica, least loaded first, failing over at once; the
+        first answer wins. Raises `TransientError` when every one has failed."""
         assert self._http is not None, "use `async with TeacherClient(...)` or `await start()`"
         content_type = wire.MSGPACK if self.binary else wire.JSON
         headers = {"content-type": content_type, "accept": content_type}
         tried: set[str] = set()
-        attempt = 0
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
-                raise self._unavailable(f"{method} {path}")
+        while (now := time.monotonic()) < deadline:
             replica = self.pool.pick(tried)
             if replica is None:  # every breaker open: wait for the first to half-open
                 await asyncio.sleep(max(0.01, min(self.pool.next_opening(), deadline) - now))
@@ -194,12 +212,9 @@ class TeacherClient:
                     self.pool.succeeded(replica)
                     return self._decode(response, cls)
                 self._handle_refusal(replica, response, f"{method} {path}")
-            attempt += 1
-            if self.pool.all_tried(tried):  # each usable replica had a go: back off first
-                delay = min(self.max_backoff_s, self.backoff_s * 2**attempt)
-                remaining = max(0.0, deadline - time.monotonic())
-                await asyncio.sleep(min(delay * random.uniform(0.5, 1.0), remaining))
-                tried.clear()
+            if self.pool.all_tried(tried):
+                break
+        raise TransientError(self.pool.describe())
 
     def _handle_refusal(self, replica: Replica, response: httpx.Response, what: str) -> None:
         """Record a non-200 answer; raise at once when retrying elsewhere cannot help."""
@@ -245,7 +260,8 @@ class TeacherClient:
 async def verify_tokenizers(
     teacher: TeacherClient, student_url: str, api_key: str | None = None
 ) -> ServerInfo:
-    """DESIGN.md §2 at start-up: fetch both `/v1/info`s and refuse a tokenizer mismatch.
+    """The tokenizer check at start-up (docs/design.md#tokens-and-the-tokenizer-check):
+    fetch both `/v1/info`s and refuse a tokenizer mismatch.
 
     Returns the teacher's info; raises `TokenizerMismatch` naming both fingerprints.
     """

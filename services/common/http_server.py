@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 
 API_KEY_ENV = "RLAD_API_KEY"
-LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
 class ApiError(Exception):

@@ -1,4 +1,4 @@
-"""Wire schemas shared by every server, client and worker (DESIGN.md section 2).
+"""Wire schemas shared by every server, client and worker (docs/design.md#wire-contracts).
 
 Token ids are the truth everywhere; text is only for humans. Every request and response
 crosses the wire as JSON or as the compact msgpack body of `services.common.wire`, and is

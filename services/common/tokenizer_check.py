@@ -1,4 +1,5 @@
-"""Student and teacher must share a tokenizer: same vocabulary, same ids (DESIGN.md §2).
+"""Student and teacher must share a tokenizer: same vocabulary, same ids
+(docs/design.md#tokens-and-the-tokenizer-check).
 
 Each server publishes `tokenizer_fingerprint` in `GET /v1/info`; workers compare them at
 start-up with `check_compatible` and refuse to run on a mismatch, naming what differs.

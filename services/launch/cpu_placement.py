@@ -9,7 +9,7 @@ teacher (which polls) beside the rollout engine, a transformers teacher (`backen
 which only computes while it scores) beside the trainer, which waits for batches anyway.
 Each process is pinned to its cores (`RLAD_CPU_CORES`, applied by `pin_to_assigned_cores`
 as the `rlad` command starts): left to the OS, the teacher often landed beside the rollout
-engine and doubled the step time (README, "Cores, on a machine without a GPU").
+engine and doubled the step time (docs/operations.md#cores-on-a-machine-without-a-gpu).
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ from rich.live import Live
 from rich.table import Table
 
 from services.config.run import RunConfig
-from services.queue.streams import DEAD, ROLLOUTS, SCORED, GroupQueue
+from services.queue.keys import DEAD, ROLLOUTS, SCORED
+from services.queue.queues import QueueReader
 from trainer.metrics_sink import read_metrics
 
 WINDOW = 10  # steps averaged: one batch's mean reward is noisy
@@ -53,8 +54,7 @@ class LiveView:
         self, run: RunConfig, client: redis.Redis, metrics_path: Path, enabled: bool
     ) -> None:
         self.run = run
-        self.redis = client
-        self.queue = GroupQueue(client)
+        self.reader = QueueReader(client)
         self.metrics_path = metrics_path
         self.console = Console(stderr=True)
         self.enabled = enabled and self.console.is_terminal
@@ -84,8 +84,8 @@ class LiveView:
     def snapshot(self) -> dict[str, Any]:
         rows = read_metrics(self.metrics_path)
         last = rows[-1] if rows else {}
-        stats = self.queue.stats()
-        depths = {name: int(self.redis.xlen(name)) for name in (ROLLOUTS, SCORED, DEAD)}
+        stats = self.reader.stats()
+        depths = self.reader.stream_lengths()
         return {"rows": rows, "last": last, "stats": stats, "depths": depths}
 
     def render(self) -> Table:

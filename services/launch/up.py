@@ -25,11 +25,13 @@ import redis
 
 from services.common.runtime import free_port
 from services.config.run import RunConfig, dump_run_config
+from services.config.servers import ServerConfig
 from services.launch.cpu_placement import placement_for_this_machine
 from services.launch.live_view import LiveView
 from services.launch.plots import plot_curves
 from services.launch.processes import ManagedProcess
-from services.queue.streams import ROLLOUTS, SCORED, GroupQueue, embedded_url, start_embedded_redis
+from services.queue.connection import clear_run, connect, embedded_url, start_embedded_redis
+from services.queue.queues import QueueReader
 from trainer.metrics_sink import read_metrics
 
 RLAD = [sys.executable, "-m", "services.cli.main"]
@@ -71,18 +73,28 @@ def prepare_redis(stack: Stack, fresh: bool) -> str:
         stack.redis_server = start_embedded_redis(db)
         url = embedded_url(stack.redis_server)
     elif fresh:
-        client = redis.Redis.from_url(url)
-        keys = list(client.scan_iter("rlad:*"))
-        if keys:
-            client.delete(*keys)
+        clear_run(connect(url))
     return url
 
 
-def server_args(kind: str, model: str, spec: Any, port: int) -> list[str]:
+def server_args(kind: str, config_path: Path, port: int) -> list[str]:
+    """`rlad serve-<kind>` on its block of the run config, at a loopback port chosen here."""
     return [
-        f"serve-{kind}", "--model", model, "--backend", spec.backend,
-        "--host", "127.0.0.1", "--port", str(port), *spec.extra_args,
-    ]  # fmt: skip
+        f"serve-{kind}",
+        "--config",
+        str(config_path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+
+
+def vllm_cpu_env(server: ServerConfig) -> dict[str, str]:
+    """Without `kv_cache_gib`, vLLM's CPU build would reserve `gpu_memory_utilization` of
+    the RAM for its KV cache, too much beside the other processes: 1 GiB instead (the
+    variable is read by the CPU build only)."""
+    return {} if server.kv_cache_gib is not None else {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 @dataclass
@@ -99,26 +111,25 @@ class Pipeline:
 def launch(
     run: RunConfig, config_path: Path, stack: Stack, redis_url: str, resume: bool
 ) -> Pipeline:
-    placement = placement_for_this_machine(run.cpu_placement, run.teacher_server.backend)
+    teacher_backend = run.teacher_server.backend if run.teacher_server else "vllm"
+    placement = placement_for_this_machine(run.cpu_placement, teacher_backend)
     rollout_port = free_port()
     rollout_url = f"http://127.0.0.1:{rollout_port}"
-    kv = {"VLLM_CPU_KVCACHE_SPACE": str(run.rollout_server.kv_cache_gib)}
     rollout = stack.start(
         "rollout",
-        *server_args("rollout", run.student, run.rollout_server, rollout_port),
-        env={**kv, **placement.get("rollout", {})},
+        *server_args("rollout", config_path, rollout_port),
+        env={**vllm_cpu_env(run.rollout_server), **placement.get("rollout", {})},
     )
     teacher_urls = list(run.teacher_urls)
     teacher = None
     if run.scorer.mode == "teacher" and not teacher_urls:
-        assert run.teacher is not None
+        assert run.teacher_server is not None  # RunConfig: a teacher, since no remote ones
         port = free_port()
         teacher_urls = [f"http://127.0.0.1:{port}"]
-        kv_teacher = {"VLLM_CPU_KVCACHE_SPACE": str(run.teacher_server.kv_cache_gib)}
         teacher = stack.start(
             "teacher",
-            *server_args("teacher", run.teacher, run.teacher_server, port),
-            env={**kv_teacher, **placement.get("teacher", {})},
+            *server_args("teacher", config_path, port),
+            env={**vllm_cpu_env(run.teacher_server), **placement.get("teacher", {})},
         )
     rollout.wait_healthy(f"{rollout_url}/health")
     if teacher is not None:
@@ -173,16 +184,13 @@ def pipeline(run: RunConfig, resume: bool = False) -> Iterator[Pipeline]:
 
 def queue_accounts(client: redis.Redis) -> dict[str, int]:
     """Counters plus what is still in the streams: produced = trained + stale + dead + in queue."""
-    accounts = GroupQueue(client).stats()
-    accounts["in_rollouts"] = int(client.xlen(ROLLOUTS))
-    accounts["in_scored"] = int(client.xlen(SCORED))
-    return accounts
+    return QueueReader(client).accounts()
 
 
 def up(run: RunConfig, resume: bool = False, live: bool = True) -> Path:
     folder = run.folder
     with pipeline(run, resume) as running:
-        client = redis.Redis.from_url(running.redis_url)
+        client = connect(running.redis_url)
         with LiveView(run, client, folder / "metrics.jsonl", enabled=live) as view:
             view.status("training")
             while running.trainer.alive():

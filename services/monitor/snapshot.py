@@ -1,7 +1,7 @@
 """The figures of `rlad monitor`: one read of Redis → one `QueueSnapshot`.
 
-Everything comes from the queue's own keys (services/queue/streams.py), so the monitor needs no
-connection to any process:
+Everything comes from the queue's own keys, read through `QueueReader`
+(services/queue/queues.py), so the monitor needs no connection to any process:
 
 - stream lengths (`XLEN`); trimming keeps exactly the entries some group has not acknowledged;
 - per consumer group: consumers, pending (delivered, not acknowledged), lag (in the stream,
@@ -22,23 +22,16 @@ feeds the terminal view (services/monitor/view.py) and the Prometheus exporter
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import redis
 from pydantic import BaseModel, Field
 
-from services.queue.streams import (
-    CONSUMER_GROUPS,
-    DEAD,
-    ROLLOUTS,
-    SCORED,
-    STATS,
-    TEACHER_LATENCY,
-    TRAINER_STATE,
-)
+from services.queue.keys import ROLLOUTS, SCORED
+from services.queue.queues import QueueReader
+from services.queue.readings import GroupProgress
+from services.queue.state import TrainerProgress
 
 COUNTERS = ("produced", "scored", "trained", "stale", "dead")
-STALENESS_PREFIX = "staleness_"
 RECENT_DEAD = 5
 
 
@@ -93,24 +86,24 @@ class QueueSnapshot(BaseModel):
 
 def read_snapshot(client: redis.Redis) -> QueueSnapshot:
     """One consistent-enough reading of every figure (a handful of round trips)."""
-    seconds, micros = client.time()
-    now_ms = int(seconds) * 1000 + int(micros) // 1000
-    streams = {name: int(client.xlen(name)) for name in (ROLLOUTS, SCORED, DEAD)}
-    groups = [
-        _group_state(client, stream, group, now_ms) for stream, group in CONSUMER_GROUPS.items()
-    ]
-    stats = {_text(k): int(v) for k, v in client.hgetall(STATS).items()}
-    counters = {name: stats.get(name, 0) for name in COUNTERS}
+    reader = QueueReader(client)
+    now_ms = reader.server_time_ms()
+    streams = reader.stream_lengths()
+    groups = [_group_state(progress, now_ms) for progress in reader.groups_progress()]
+    stats = reader.stats()
     held = next(g.pending for g in groups if g.stream == SCORED)
     return QueueSnapshot(
         taken_at=now_ms / 1000,
         streams=streams,
         groups=groups,
         backlog=streams[ROLLOUTS] + streams[SCORED] - held,
-        counters=counters,
-        teacher_latency=_latency(client),
-        trainer=_trainer(client, now_ms / 1000),
-        recent_dead=_recent_dead(client),
+        counters={name: stats.get(name, 0) for name in COUNTERS},
+        teacher_latency=_latency(sorted(reader.teacher_latencies())),
+        trainer=_trainer(reader.trainer_progress(), now_ms / 1000),
+        recent_dead=[
+            DeadLetter(id=d.id, source=d.source, reason=d.reason)
+            for d in reader.recent_dead(RECENT_DEAD)
+        ],
     )
 
 
@@ -132,92 +125,31 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[rank - 1]
 
 
-def _group_state(client: redis.Redis, stream: str, group: str, now_ms: int) -> GroupState:
-    info = _group_info(client, stream, group)
-    if info is None:  # no consumer has attached yet: everything in the stream is lag
-        first = client.xrange(stream, count=1)
-        age = (now_ms - _id_ms(first[0][0])) / 1000 if first else None
-        return GroupState(
-            stream=stream,
-            group=group,
-            consumers=0,
-            pending=0,
-            lag=int(client.xlen(stream)),
-            oldest_age_s=age,
-        )
-    last = _text(info["last-delivered-id"])
-    undelivered = client.xrange(stream, min=f"({last}", max="+", count=1)
-    lag = info.get("lag")
-    if lag is None:  # Redis < 7 has no lag field, and 7.x reports None after deletions
-        lag = len(client.xrange(stream, min=f"({last}", max="+") or [])
-    candidates = []
-    if int(info["pending"]):
-        # The entries may be acknowledged between XINFO and XPENDING; the summary's min is
-        # then None, and no pending entry has an age.
-        oldest_pending = client.xpending(stream, group)["min"]
-        if oldest_pending is not None:
-            candidates.append(_id_ms(oldest_pending))
-    if undelivered:
-        candidates.append(_id_ms(undelivered[0][0]))
-    oldest = (now_ms - min(candidates)) / 1000 if candidates else None
+def _group_state(progress: GroupProgress, now_ms: int) -> GroupState:
+    oldest = progress.oldest_ms
     return GroupState(
-        stream=stream,
-        group=group,
-        consumers=int(info["consumers"]),
-        pending=int(info["pending"]),
-        lag=int(lag),
-        oldest_age_s=max(oldest, 0.0) if oldest is not None else None,
+        stream=progress.stream,
+        group=progress.group,
+        consumers=progress.consumers,
+        pending=progress.pending,
+        lag=progress.lag,
+        oldest_age_s=max((now_ms - oldest) / 1000, 0.0) if oldest is not None else None,
     )
 
 
-def _group_info(client: redis.Redis, stream: str, group: str) -> dict[str, Any] | None:
-    try:
-        rows = client.xinfo_groups(stream)
-    except redis.ResponseError:  # the stream does not exist yet
-        return None
-    return next((row for row in rows if _text(row["name"]) == group), None)
+def _trainer(progress: TrainerProgress, now: float) -> TrainerState:
+    updated = progress.updated_at
+    return TrainerState(
+        step=progress.step,
+        policy_version=progress.policy_version,
+        seconds_since_update=max(now - updated, 0.0) if updated is not None else None,
+        staleness=progress.staleness,
+    )
 
 
-def _latency(client: redis.Redis) -> LatencySummary:
-    values = sorted(float(v) for v in client.lrange(TEACHER_LATENCY, 0, -1))
+def _latency(values: list[float]) -> LatencySummary:
     if not values:
         return LatencySummary(samples=0, p50_ms=None, p99_ms=None)
     return LatencySummary(
         samples=len(values), p50_ms=percentile(values, 0.5), p99_ms=percentile(values, 0.99)
     )
-
-
-def _trainer(client: redis.Redis, now: float) -> TrainerState:
-    fields = {_text(k): _text(v) for k, v in client.hgetall(TRAINER_STATE).items()}
-    staleness = {
-        int(name.removeprefix(STALENESS_PREFIX)): int(value)
-        for name, value in fields.items()
-        if name.startswith(STALENESS_PREFIX)
-    }
-    updated = fields.get("updated_at")
-    return TrainerState(
-        step=int(fields["step"]) if "step" in fields else None,
-        policy_version=int(fields["policy_version"]) if "policy_version" in fields else None,
-        seconds_since_update=max(now - float(updated), 0.0) if updated else None,
-        staleness=dict(sorted(staleness.items())),
-    )
-
-
-def _recent_dead(client: redis.Redis) -> list[DeadLetter]:
-    letters = []
-    for entry_id, fields in client.xrevrange(DEAD, count=RECENT_DEAD) or []:
-        text = {_text(k): _text(v) for k, v in (fields or {}).items() if k != b"data"}
-        letters.append(
-            DeadLetter(
-                id=_text(entry_id), source=text.get("source", "?"), reason=text.get("reason", "")
-            )
-        )
-    return letters
-
-
-def _id_ms(message_id: Any) -> int:
-    return int(_text(message_id).partition("-")[0])
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

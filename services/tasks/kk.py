@@ -25,7 +25,8 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from services.tasks import KKTaskConfig, Problem, Reward, Split
+from services.config.task import KKTaskConfig
+from services.tasks import Problem, Reward, Split
 from services.tasks.kk_generator import KKPuzzle, KKSampler
 from services.tasks.kk_render import gold_answer, pick_names, question, worked_reasoning
 
@@ -113,8 +114,8 @@ class KKTask:
 
     name = "kk"
 
-    def __init__(self, config: KKTaskConfig, seed: int = 0):
-        self.config, self.seed = config, seed
+    def __init__(self, config: KKTaskConfig):
+        self.config, self.seed = config, config.seed
         self._eval = list(self._eval_puzzles())
         self._eval_statements = {puzzle.statements for _, puzzle, _ in self._eval}
 
@@ -213,8 +214,9 @@ def main() -> None:
         people=[int(n) for n in args.people.split(",")],
         rendering=args.rendering,
         eval_per_subset=args.count,
+        seed=args.seed,
     )
-    written = export_jsonl(KKTask(config, args.seed), args.split, args.out, args.count)
+    written = export_jsonl(KKTask(config), args.split, args.out, args.count)
     print(f"wrote {written} problems to {args.out}")
 
 

@@ -20,7 +20,8 @@ from typing import Any
 
 from math_verify import parse, verify
 
-from services.tasks import MathTaskConfig, Problem, Reward, Split
+from services.config.task import MathTaskConfig
+from services.tasks import Problem, Reward, Split
 
 DEFAULT_HELD_OUT = 100
 
@@ -90,14 +91,14 @@ class MathTask:
 
     name = "math"
 
-    def __init__(self, config: MathTaskConfig, seed: int = 0):
+    def __init__(self, config: MathTaskConfig):
         self.config = config
         train, evaluation = self._source("train"), self._source("eval")
         if evaluation is None:
             if train is None:
                 raise ValueError("math task has no data: set train_path, eval_path or hf_dataset")
             order = list(range(len(train)))
-            random.Random(f"math-held-out:{seed}").shuffle(order)
+            random.Random(f"math-held-out:{config.seed}").shuffle(order)
             held = set(order[: config.eval_size or min(DEFAULT_HELD_OUT, len(train) // 10 or 1)])
             evaluation = [row for i, row in enumerate(train) if i in held]
             train = [row for i, row in enumerate(train) if i not in held]

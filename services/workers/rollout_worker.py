@@ -22,8 +22,9 @@ from services.common.protocol import (
     RolloutGroup,
     SamplingParams,
 )
-from services.config.run import RolloutWorkerConfig
-from services.queue.streams import ROLLOUTS, TRAINER_STATE, GroupQueue
+from services.config.workers import RolloutWorkerConfig
+from services.queue.keys import ROLLOUTS
+from services.queue.queues import AsyncQueue
 from services.tasks import Problem, Task
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class RolloutWorker:
     def __init__(
         self,
         config: RolloutWorkerConfig,
-        queue: GroupQueue,
+        queue: AsyncQueue,
         generate: Callable[[GenerateRequest], Any],
         task: Task,
         tokenizer: Any,
@@ -71,7 +72,7 @@ class RolloutWorker:
         for problem, result in zip(problems, response.results, strict=True):
             group = self.group(problem, result.prompt_token_ids, result.completions, response)
             group.timestamps["generated"] = now
-            self.queue.publish(ROLLOUTS, group, counter="produced")
+            await self.queue.publish(ROLLOUTS, group, counter="produced")
         return len(problems)
 
     def group(
@@ -99,11 +100,8 @@ class RolloutWorker:
             completions=records,
         )
 
-    def trainer_version(self) -> int:
-        return int(self.queue.redis.hget(TRAINER_STATE, "policy_version") or 0)
-
     async def wait_for_new_version(self, seen: int, should_stop: Callable[[], bool]) -> None:
-        while self.trainer_version() <= seen and not should_stop():
+        while await self.queue.trainer_version() <= seen and not should_stop():
             await asyncio.sleep(0.05)
 
     async def run(self, should_stop: Callable[[], bool], max_groups: int | None = None) -> int:
@@ -115,7 +113,7 @@ class RolloutWorker:
                 # the batch started may already be that one, at start-up).
                 await self.wait_for_new_version(self.served_version, should_stop)
                 in_batch = 0
-            await asyncio.to_thread(self.queue.wait_for_room, 0.2, should_stop)
+            await self.queue.wait_for_room(0.2, should_stop)
             if should_stop():
                 break
             made = await self.produce_once()

@@ -3,35 +3,39 @@
 to `rlad:scored`, acknowledging the source in the same transaction.
 
 When every teacher is down the scorer keeps the messages pending and retries with backoff
-(the trainer waits; nothing is lost). A message the teacher rejects as invalid is
-dead-lettered with the reason. `passthrough` mode forwards groups unscored (plain GRPO).
+(services/clients/retry.py; the trainer waits, nothing is lost). A message the teacher
+rejects as invalid is dead-lettered with the reason. `passthrough` mode forwards groups
+unscored (plain GRPO).
 
 Run: `rlad scorer --config configs/tiny-cpu.yaml --teacher-url http://127.0.0.1:8002`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
+from services.clients.retry import backoff
 from services.clients.teacher import TeacherUnavailable
 from services.common.protocol import RolloutGroup, ScoreSequence
-from services.config.run import ScorerConfig
-from services.queue.streams import ROLLOUTS, SCORED, TEACHER_LATENCY, Delivery, GroupQueue
+from services.config.workers import ScorerConfig
+from services.queue.keys import ROLLOUTS, SCORED
+from services.queue.queues import AsyncQueue
+from services.queue.streams import Delivery
 
 log = logging.getLogger(__name__)
 
-LATENCY_SAMPLES = 1000
+TEACHER_RETRY_S = 1.0  # the first wait once no teacher answers; it doubles up to the max
+TEACHER_RETRY_MAX_S = 30.0
 
 
 class Scorer:
     def __init__(
         self,
         config: ScorerConfig,
-        queue: GroupQueue,
+        queue: AsyncQueue,
         teacher: Any | None,  # TeacherClient, or None in passthrough mode
         consumer: str,
     ) -> None:
@@ -59,11 +63,7 @@ class Scorer:
             return
         started = time.perf_counter()
         response = await self.teacher.score(sequences)  # type: ignore[union-attr]
-        latency_ms = (time.perf_counter() - started) * 1000
-        pipe = self.queue.redis.pipeline(transaction=False)
-        pipe.lpush(TEACHER_LATENCY, round(latency_ms, 2))
-        pipe.ltrim(TEACHER_LATENCY, 0, LATENCY_SAMPLES - 1)
-        pipe.execute()
+        await self.queue.record_teacher_latency((time.perf_counter() - started) * 1000)
         for completion, scores in zip(targets, response.scores, strict=True):
             completion.teacher_logprobs = scores.logprobs
         for group in groups:
@@ -77,36 +77,39 @@ class Scorer:
             except TeacherUnavailable:
                 raise
             except Exception as exc:  # the teacher refused this input: park it with the reason
+                reason = f"scoring failed: {exc}"
                 for delivery in deliveries:
-                    self.queue.dead_letter(ROLLOUTS, delivery.message_id, f"scoring failed: {exc}")
+                    await self.queue.dead_letter(ROLLOUTS, delivery.message_id, reason)
                 return
         now = time.time()
         for delivery, group in zip(deliveries, groups, strict=True):
             group.timestamps["scored"] = now
-            self.queue.forward(ROLLOUTS, delivery.message_id, SCORED, group, counter="scored")
+            await self.queue.forward(ROLLOUTS, delivery.message_id, SCORED, group, counter="scored")
 
     async def process_until_done(
         self, deliveries: list[Delivery], should_stop: Callable[[], bool]
     ) -> None:
-        """Retry while no teacher answers; the messages stay pending meanwhile, and if
-        another scorer reclaims and forwards them first, our forward is a no-op."""
-        backoff = 1.0
-        while True:
-            try:
-                await self.process(deliveries)
-                return
-            except TeacherUnavailable as exc:
-                if should_stop():
-                    return
-                log.error("no teacher answered; retrying in %.0fs: %s", backoff, exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
+        """Retry while no teacher answers, until stopped; the messages stay pending
+        meanwhile, and if another scorer reclaims and forwards them first, our forward is a
+        no-op."""
+        policy = backoff(
+            TeacherUnavailable,
+            lambda _: should_stop(),
+            initial_s=TEACHER_RETRY_S,
+            max_s=TEACHER_RETRY_MAX_S,
+            log=log,
+            level=logging.ERROR,
+        )
+        try:
+            await policy(self.process, deliveries)
+        except TeacherUnavailable:  # stopping: the groups stay pending for another scorer
+            log.warning("stopped with %d groups unscored", len(deliveries))
 
     async def run(self, should_stop: Callable[[], bool]) -> int:
         done = 0
         while not should_stop():
-            deliveries = await asyncio.to_thread(
-                self.queue.consume, ROLLOUTS, self.consumer, self.config.batch_groups, 500
+            deliveries = await self.queue.consume(
+                ROLLOUTS, self.consumer, self.config.batch_groups, 500
             )
             if deliveries:
                 await self.process_until_done(deliveries, should_stop)

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from services.bootstrap.build import STAMP, BootstrapConfig, bootstrap
-from services.tasks import KKTaskConfig
+from services.config.task import KKTaskConfig
 from services.tasks.kk import KKTask
 
 

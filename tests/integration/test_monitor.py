@@ -25,19 +25,12 @@ from redis.retry import Retry
 
 from services.common.protocol import CompletionRecord, RolloutGroup
 from services.common.runtime import free_port
+from services.config.workers import QueueConfig
 from services.launch.processes import ManagedProcess
 from services.monitor.exporter import create_app
 from services.monitor.snapshot import QueueSnapshot, read_snapshot, with_rates
-from services.queue.streams import (
-    DEAD,
-    ROLLOUTS,
-    SCORED,
-    SCORERS,
-    TEACHER_LATENCY,
-    TRAINER_STATE,
-    GroupQueue,
-    QueueConfig,
-)
+from services.queue.keys import DEAD, ROLLOUTS, SCORED, SCORERS, TEACHER_LATENCY, TRAINER_STATE
+from services.queue.queues import GroupQueue
 
 RLAD = [sys.executable, "-m", "services.cli.main"]
 

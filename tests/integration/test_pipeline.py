@@ -35,7 +35,7 @@ def tiny_run(folder: Path, student: Path, teacher: Path) -> RunConfig:
             "run_dir": str(folder),
             "student": str(student),
             "teacher": str(teacher),
-            "task": {"name": "kk", "kk": {"people": [2], "rendering": "compact"}},
+            "task": {"name": "kk", "people": [2], "rendering": "compact"},
             # An untrained student earns equal rewards, hence zero advantages and no policy
             # gradient; KDRL's distillation term still moves the weights every step.
             "algorithm": {"name": "kdrl", "kd_beta_start": 0.5, "kd_beta_end": 0.5},

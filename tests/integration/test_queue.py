@@ -10,15 +10,10 @@ from pathlib import Path
 import redis
 
 from services.common.protocol import CompletionRecord, RolloutGroup
-from services.queue.streams import (
-    DEAD,
-    ROLLOUTS,
-    SCORED,
-    GroupQueue,
-    QueueConfig,
-    embedded_url,
-    start_embedded_redis,
-)
+from services.config.workers import QueueConfig
+from services.queue.connection import clear_run, embedded_url, start_embedded_redis
+from services.queue.keys import DEAD, ROLLOUTS, SCORED
+from services.queue.queues import GroupQueue, QueueReader
 
 
 def make_group(i: int, version: int = 0) -> RolloutGroup:
@@ -163,3 +158,14 @@ def test_reclaim_on_the_embedded_server(tmp_path: Path) -> None:
         assert reclaimed.group == make_group(0) and reclaimed.deliveries == 2
     finally:
         server.shutdown()
+
+
+def test_a_fresh_run_clears_only_the_run_keys(fresh_redis: redis.Redis) -> None:
+    queue = GroupQueue(fresh_redis)
+    queue.publish(ROLLOUTS, make_group(0), counter="produced")
+    queue.publish_trainer_state(step=1, policy_version=1)
+    queue.count_staleness(0)
+    fresh_redis.set("someone-else", 1)
+    assert clear_run(fresh_redis) == 4  # rollouts, scored (with their groups), stats, trainer
+    assert fresh_redis.keys() == [b"someone-else"]
+    assert QueueReader(fresh_redis).accounts() == {"in_rollouts": 0, "in_scored": 0}

@@ -19,11 +19,14 @@ from services.common.protocol import (
     PromptCompletions,
 )
 from services.common.runtime import free_port
-from services.config.run import RolloutWorkerConfig
+from services.config.task import KKTaskConfig
+from services.config.workers import QueueConfig, RolloutWorkerConfig
 from services.launch.processes import ManagedProcess
 from services.launch.up import RLAD
-from services.queue.streams import ROLLOUTS, TRAINER_STATE, GroupQueue, QueueConfig
-from services.tasks import KKTaskConfig, TaskConfig, load_task
+from services.queue.connection import connect_async
+from services.queue.keys import ROLLOUTS, TRAINER_STATE
+from services.queue.queues import AsyncQueue, GroupQueue
+from services.tasks import load_task
 from services.workers.rollout_worker import RolloutWorker
 from tests.process_support import wait_for
 
@@ -32,7 +35,7 @@ STEPS = 3
 
 
 def test_each_synchronous_batch_is_generated_by_the_latest_weights(
-    fresh_redis: redis.Redis,
+    fresh_redis: redis.Redis, redis_url: str
 ) -> None:
     served = {"version": 1}  # the trainer's start-up push has made the server serve v1
 
@@ -47,8 +50,7 @@ def test_each_synchronous_batch_is_generated_by_the_latest_weights(
 
     queue = GroupQueue(fresh_redis, QueueConfig(max_backlog=100))
     config = RolloutWorkerConfig(group_size=2, prompts_per_request=BATCH, synchronous=True)
-    task = load_task(TaskConfig(name="kk", kk=KKTaskConfig(people=[2], rendering="compact")))
-    worker = RolloutWorker(config, queue, generate, task, build_tokenizer(), sync_batch=BATCH)
+    task = load_task(KKTaskConfig(people=[2], rendering="compact"))
 
     async def trainer() -> list[tuple[int, list[int]]]:
         await asyncio.sleep(0.2)  # the worker starts first and produces its first batch
@@ -70,11 +72,16 @@ def test_each_synchronous_batch_is_generated_by_the_latest_weights(
         return steps
 
     async def both() -> list[tuple[int, list[int]]]:
-        stop = asyncio.Event()
-        producing = asyncio.create_task(worker.run(stop.is_set))
-        steps = await trainer()
-        stop.set()
-        await producing
+        async with connect_async(redis_url) as client:
+            worker_queue = await AsyncQueue.open(client, QueueConfig(max_backlog=100))
+            worker = RolloutWorker(
+                config, worker_queue, generate, task, build_tokenizer(), sync_batch=BATCH
+            )
+            stop = asyncio.Event()
+            producing = asyncio.create_task(worker.run(stop.is_set))
+            steps = await trainer()
+            stop.set()
+            await producing
         return steps
 
     steps = asyncio.run(both())
@@ -95,7 +102,7 @@ def test_the_worker_process_waits_for_new_weights_after_a_batch(
         "name": "sync",
         "run_dir": str(tmp_path / "runs"),
         "student": str(tiny_student),
-        "task": {"name": "kk", "kk": {"people": [2], "rendering": "compact"}},
+        "task": {"name": "kk", "people": [2], "rendering": "compact"},
         "algorithm": {"name": "grpo"},
         "scorer": {"mode": "passthrough"},
         "trainer": {"batch_prompts": BATCH},

@@ -17,8 +17,10 @@ from services.common.logprobs import sequence_logprobs
 from services.common.protocol import CompletionRecord, RolloutGroup
 from services.common.runtime import free_port
 from services.common.wire import decode
+from services.config.workers import QueueConfig
 from services.launch.processes import ManagedProcess
-from services.queue.streams import ROLLOUTS, SCORED, GroupQueue, QueueConfig
+from services.queue.keys import ROLLOUTS, SCORED
+from services.queue.queues import GroupQueue
 
 pytestmark = pytest.mark.slow
 

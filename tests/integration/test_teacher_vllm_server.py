@@ -12,8 +12,8 @@ import pytest
 
 from services.common import wire
 from services.common.protocol import ScoreRequest, ScoreResponse, ScoreSequence
+from services.config.servers import TeacherServerConfig
 from services.launch.processes import ManagedProcess
-from teacher_server.config import TeacherServerConfig
 from teacher_server.hf_backend import HFTeacherEngine
 from tests.teacher_support import Reference, assert_logprobs_close, random_sequences, start_teacher
 

@@ -17,7 +17,8 @@ import yaml
 
 from services.common.runtime import free_port
 from services.launch.processes import ManagedProcess
-from services.queue.streams import SCORED, GroupQueue
+from services.queue.keys import SCORED
+from services.queue.queues import GroupQueue
 from tests.integration.groups import scored_group
 from tests.process_support import wait_for
 

@@ -11,7 +11,7 @@ import redis
 import torch
 
 from services.config.run import RunConfig
-from services.queue.streams import GroupQueue
+from services.queue.queues import GroupQueue
 from tests.integration.groups import scored_group
 from trainer.deepspeed_setup import full_state_dict
 from trainer.train import Trainer
@@ -36,7 +36,7 @@ def one_step(
     groups = [scored_group(i, rng) for i in range(3)]
     metrics = trainer.train_step(groups)
     assert metrics["reward_mean"] == pytest.approx(0.5)
-    return metrics["grad_norm"], full_state_dict(trainer.deepspeed_setup, zero_stage=0)
+    return metrics["grad_norm"], full_state_dict(trainer.engine, zero_stage=0)
 
 
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
@@ -78,12 +78,12 @@ def test_a_batch_without_signal_leaves_the_weights_alone(
     trainer = Trainer(run, GroupQueue(fresh_redis), rollout_urls=[])
     rng = random.Random(3)
     assert trainer.train_step([scored_group(i, rng) for i in range(2)])["skipped_update"] == 0
-    after_real_step = full_state_dict(trainer.deepspeed_setup, zero_stage=0)
+    after_real_step = full_state_dict(trainer.engine, zero_stage=0)
     flat = [scored_group(i, rng) for i in range(2)]
     for group in flat:  # every completion rewarded alike: all advantages are zero
         for completion in group.completions:
             completion.reward = 1.0
     # Adam's momentum from the first step would still move the weights if it stepped.
     assert trainer.train_step(flat)["skipped_update"] == 1
-    for name, value in full_state_dict(trainer.deepspeed_setup, zero_stage=0).items():
+    for name, value in full_state_dict(trainer.engine, zero_stage=0).items():
         assert torch.equal(value, after_real_step[name]), name

@@ -14,7 +14,6 @@ import torch
 from transformers import PreTrainedModel
 
 from rollout_server.backends import load_engine
-from rollout_server.config import RolloutServerConfig
 from rollout_server.rollout_engine import completion_budgets
 from rollout_server.versioned import VersionedEngine
 from services.common.http_server import ApiError
@@ -27,6 +26,7 @@ from services.common.protocol import (
     WeightUpdateRequest,
     WeightUpdateResponse,
 )
+from services.config.servers import RolloutServerConfig
 from services.weights.probe import make_probe, probe_token_ids
 from services.weights.safetensors_io import encode_chunks
 

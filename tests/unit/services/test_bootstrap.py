@@ -42,7 +42,7 @@ def formatted(completion: str) -> bool:
 
 def pairs(role: Role, share: float, count: int = 400) -> list[tuple[str, str]]:
     settings = config(bare_answer_share=share)
-    task = KKTask(settings.task_config(), seed=0)
+    task = KKTask(settings.task_config())
     return list(itertools.islice(training_pairs(task, settings, role, seed=1), count))
 
 

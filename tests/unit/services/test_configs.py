@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from services.config.algorithm import GrpoConfig
 from services.config.run import RunConfig, load_run_config
 
 CONFIGS = sorted(Path(__file__).resolve().parents[3].joinpath("configs").glob("*.yaml"))
@@ -34,7 +35,7 @@ def test_teacher_losses_refuse_passthrough_scoring() -> None:
     with pytest.raises(ValidationError, match="needs teacher logprobs"):
         RunConfig.model_validate({**BASE, "scorer": {"mode": "passthrough"}})
     grpo = {**BASE, "algorithm": {"name": "grpo"}, "scorer": {"mode": "passthrough"}}
-    assert RunConfig.model_validate(grpo).algorithm.alpha == 1.0
+    assert isinstance(RunConfig.model_validate(grpo).algorithm, GrpoConfig)
 
 
 def test_teacher_mode_needs_a_teacher() -> None:
@@ -42,11 +43,6 @@ def test_teacher_mode_needs_a_teacher() -> None:
         RunConfig.model_validate({"student": "s", "task": {"name": "kk"}})
     remote = {"student": "s", "task": {"name": "kk"}, "teacher_urls": ["http://t:8000"]}
     assert RunConfig.model_validate(remote).teacher is None
-
-
-def test_trainer_and_sampler_temperatures_must_match() -> None:
-    with pytest.raises(ValidationError, match="temperature"):
-        RunConfig.model_validate({**BASE, "trainer": {"temperature": 0.7}})
 
 
 def test_synchronous_batches_end_on_request_boundaries() -> None:

@@ -18,8 +18,10 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.runtime import free_port
+from services.config.workers import QueueConfig
 from services.launch.processes import ManagedProcess
-from services.queue.streams import ROLLOUTS, TEACHER_LATENCY, TRAINER_STATE, GroupQueue, QueueConfig
+from services.queue.keys import ROLLOUTS, TEACHER_LATENCY, TRAINER_STATE
+from services.queue.queues import GroupQueue
 from tests.integration.test_monitor import make_group
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from services.tasks import KKTaskConfig, TaskConfig, load_task
+from services.config.task import KKTaskConfig
+from services.tasks import load_task
 from services.tasks.kk import KKTask, export_jsonl
 from services.tasks.kk_generator import KKPuzzle, KKSampler, evaluate, generate, solutions
 from services.tasks.kk_render import pick_names, question, worked_reasoning
@@ -77,8 +78,8 @@ def test_sampler_never_says_i_am_a_knave() -> None:
 def test_generator_is_deterministic_per_seed() -> None:
     assert generate(5, 11) == generate(5, 11)
     assert generate(5, 11) != generate(5, 12)
-    config = KKTaskConfig(people=[2, 4], eval_per_subset=5)
-    first, second = KKTask(config, seed=3), KKTask(config, seed=3)
+    config = KKTaskConfig(people=[2, 4], eval_per_subset=5, seed=3)
+    first, second = KKTask(config), KKTask(config)
     take = 20
     train_a = [p for _, p in zip(range(take), first.problems("train", seed=1), strict=False)]
     train_b = [p for _, p in zip(range(take), second.problems("train", seed=1), strict=False)]
@@ -86,12 +87,13 @@ def test_generator_is_deterministic_per_seed() -> None:
     assert list(first.problems("eval")) == list(second.problems("eval"))
     other = [p for _, p in zip(range(take), first.problems("train", seed=2), strict=False)]
     assert other != train_a
-    assert list(KKTask(config, seed=4).problems("eval")) != list(first.problems("eval"))
+    other_seed = config.model_copy(update={"seed": 4})
+    assert list(KKTask(other_seed).problems("eval")) != list(first.problems("eval"))
 
 
 def test_eval_set_is_fixed_and_disjoint_from_training() -> None:
     # PPL2 has only ~400 distinct puzzles: a long training stream would hit the eval ones.
-    task = KKTask(KKTaskConfig(people=[2], eval_per_subset=40), seed=0)
+    task = KKTask(KKTaskConfig(people=[2], eval_per_subset=40))
     held_out = [puzzle.statements for _, puzzle, _ in task.puzzles("eval", seed=0)]
     assert len(held_out) == len(set(held_out)) == 40
     assert list(task.problems("eval", seed=0)) == list(task.problems("eval", seed=9))
@@ -103,7 +105,7 @@ def test_eval_set_is_fixed_and_disjoint_from_training() -> None:
 
 @pytest.mark.parametrize("rendering", ["natural", "compact"])
 def test_problems_carry_prompt_subset_and_a_reference_that_scores_full(rendering: str) -> None:
-    task = load_task(TaskConfig(name="kk", kk=KKTaskConfig(people=[2, 3], rendering=rendering)))
+    task = load_task(KKTaskConfig(people=[2, 3], rendering=rendering))
     problems = list(task.problems("eval"))
     assert {p.subset for p in problems} == {"PPL2", "PPL3"}
     assert len({p.prompt_id for p in problems}) == len(problems) == 200
@@ -136,7 +138,7 @@ def test_compact_reasoning_checks_every_assignment() -> None:
 
 def test_jsonl_export_round_trips(tmp_path) -> None:
     path = tmp_path / "kk.jsonl"
-    task = KKTask(KKTaskConfig(people=[3], eval_per_subset=4), seed=0)
+    task = KKTask(KKTaskConfig(people=[3], eval_per_subset=4))
     assert export_jsonl(task, "eval", path, count=4) == 4
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     problems = list(task.problems("eval"))

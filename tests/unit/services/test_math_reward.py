@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from services.tasks import MathTaskConfig, TaskConfig, load_task
+from services.config.task import MathTaskConfig
+from services.tasks import load_task
 from services.tasks.math import last_boxed, math_reward
 
 
@@ -57,15 +58,12 @@ def test_local_jsonl_with_field_mapping(tmp_path: Path) -> None:
         {"question": f"What is {i} + {i}?", "final": str(2 * i), "level": f"L{i % 2}"}
         for i in range(30)
     ]
-    config = TaskConfig(
-        name="math",
-        math=MathTaskConfig(
-            train_path=_write_jsonl(tmp_path / "train.jsonl", rows),
-            problem_field="question",
-            answer_field="final",
-            subset_field="level",
-            eval_size=5,
-        ),
+    config = MathTaskConfig(
+        train_path=_write_jsonl(tmp_path / "train.jsonl", rows),
+        problem_field="question",
+        answer_field="final",
+        subset_field="level",
+        eval_size=5,
     )
     task = load_task(config)
     held_out = list(task.problems("eval"))
@@ -83,22 +81,16 @@ def test_local_jsonl_with_field_mapping(tmp_path: Path) -> None:
 def test_separate_eval_file_and_missing_field(tmp_path: Path) -> None:
     train = _write_jsonl(tmp_path / "t.jsonl", [{"problem": "1+1", "answer": "2"}])
     evaluation = _write_jsonl(tmp_path / "e.jsonl", [{"problem": "2+2", "answer": "4"}])
-    task = load_task(
-        TaskConfig(name="math", math=MathTaskConfig(train_path=train, eval_path=evaluation))
-    )
+    task = load_task(MathTaskConfig(train_path=train, eval_path=evaluation))
     assert [p.answer for p in task.problems("eval")] == ["4"]
     assert next(task.problems("train")).answer == "2"
     with pytest.raises(KeyError, match="no field 'solution'"):
-        load_task(
-            TaskConfig(
-                name="math", math=MathTaskConfig(eval_path=evaluation, answer_field="solution")
-            )
-        )
+        load_task(MathTaskConfig(eval_path=evaluation, answer_field="solution"))
 
 
 def test_math_needs_a_data_source() -> None:
-    with pytest.raises(ValidationError, match=r"math\.train_path"):
-        TaskConfig(name="math")
+    with pytest.raises(ValidationError, match="needs train_path"):
+        MathTaskConfig()
 
 
 def test_parquet_rows(tmp_path: Path) -> None:
@@ -107,5 +99,5 @@ def test_parquet_rows(tmp_path: Path) -> None:
 
     path = tmp_path / "rows.parquet"
     pq.write_table(pa.Table.from_pylist([{"problem": "3*3", "answer": "9"}] * 3), path)
-    task = load_task(TaskConfig(name="math", math=MathTaskConfig(eval_path=str(path))))
+    task = load_task(MathTaskConfig(eval_path=str(path)))
     assert [p.answer for p in task.problems("eval")] == ["9", "9", "9"]

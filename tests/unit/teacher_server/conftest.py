@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from teacher_server.config import TeacherServerConfig
+from services.config.servers import TeacherServerConfig
 from teacher_server.hf_backend import HFTeacherEngine
 from tests.teacher_support import Reference
 

@@ -13,7 +13,7 @@ import pytest
 
 from services.common import wire
 from services.common.protocol import ScoreRequest, ScoreResponse, ScoreSequence, SequenceScores
-from teacher_server.config import TeacherServerConfig
+from services.config.servers import TeacherServerConfig
 from teacher_server.hf_backend import HFTeacherEngine
 from tests.teacher_support import Reference, ThreadedServer, assert_logprobs_close, random_sequences
 

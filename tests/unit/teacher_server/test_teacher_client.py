@@ -20,7 +20,7 @@ from services.clients.teacher import (
 from services.common.protocol import ScoreSequence, ServerInfo
 from services.common.runtime import free_port
 from services.common.tokenizer_check import TokenizerMismatch
-from teacher_server.config import TeacherServerConfig
+from services.config.servers import TeacherServerConfig
 from teacher_server.hf_backend import HFTeacherEngine
 from tests.teacher_support import Reference, ThreadedServer, assert_logprobs_close, random_sequences
 

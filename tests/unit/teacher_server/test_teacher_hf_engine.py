@@ -12,7 +12,7 @@ from services.common.http_server import ApiError
 from services.common.model_files import weights_revision
 from services.common.protocol import ScoreRequest, ScoreSequence
 from services.common.tokenizer_check import tokenizer_fingerprint
-from teacher_server.config import TeacherServerConfig
+from services.config.servers import TeacherServerConfig
 from teacher_server.hf_backend import HFTeacherEngine, plan_micro_batches
 from teacher_server.teacher_engine import validate_request
 from tests.teacher_support import Reference, assert_logprobs_close, random_sequences

@@ -12,7 +12,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
-from teacher_server.config import TeacherServerConfig
+from services.config.servers import TeacherServerConfig
 from teacher_server.hf_backend import HFTeacherEngine
 from tests.teacher_support import ThreadedServer
 

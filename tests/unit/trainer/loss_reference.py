@@ -1,4 +1,4 @@
-"""DESIGN.md section 4, transcribed as plainly as possible with autograd: the slow reference
+"""docs/design.md#the-math, transcribed as plainly as possible with autograd: the slow reference
 that `trainer.loss.policy_loss` (one no-grad pass plus a precomputed gradient) must match.
 Also the helpers the loss tests share."""
 
@@ -7,9 +7,15 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from pydantic import TypeAdapter
 
-from trainer.algorithm import AlgorithmConfig
+from services.config.algorithm import AlgorithmConfig, KdrlConfig, TrrdConfig
 from trainer.loss import LossInputs, kd_beta, policy_loss
+
+
+def algorithm(**fields: object) -> AlgorithmConfig:
+    """The variant `name` selects (trrd when left out), parsed as a run config's block."""
+    return TypeAdapter(AlgorithmConfig).validate_python(fields)
 
 
 def random_inputs(
@@ -64,7 +70,7 @@ def reference_loss_and_grad(
 
 def reference_log_ratio(inputs: LossInputs, config: AlgorithmConfig) -> torch.Tensor:
     logp, old = inputs.trainer_logprobs, inputs.old_logprobs
-    if config.name != "trrd":
+    if not isinstance(config, TrrdConfig):
         return logp - old
     teacher, alpha, c = inputs.teacher_logprobs, config.alpha, config.teacher_clamp
     assert teacher is not None
@@ -125,7 +131,7 @@ def reference_policy_loss(
         loss = loss + config.kl_beta * reference_aggregate(
             kl, mask, config, total_tokens, total_sequences
         )
-    if config.name == "kdrl":
+    if isinstance(config, KdrlConfig):
         assert inputs.teacher_logprobs is not None
         kd = reference_k(inputs.trainer_logprobs, inputs.teacher_logprobs, config.kd_estimator)
         if config.kd_reward_masking:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from loss_reference import loss_and_grad, random_inputs
 
-from trainer.algorithm import AlgorithmConfig
+from services.config.algorithm import GrpoConfig, KdrlConfig
 from trainer.loss import LossInputs, kd_beta
 
 
@@ -16,11 +16,11 @@ from trainer.loss import LossInputs, kd_beta
 )
 def test_kd_beta_anneals_linearly(step: int, expected: float) -> None:
     # 5e-3 → 1e-3 over 1000 steps: −4e-6 per step, then flat.
-    assert kd_beta(step, AlgorithmConfig(name="kdrl")) == pytest.approx(expected)
+    assert kd_beta(step, KdrlConfig()) == pytest.approx(expected)
 
 
 def test_kd_beta_without_annealing_is_the_end_value() -> None:
-    assert kd_beta(0, AlgorithmConfig(name="kdrl", kd_anneal_steps=0)) == 1e-3
+    assert kd_beta(0, KdrlConfig(kd_anneal_steps=0)) == 1e-3
 
 
 @pytest.mark.parametrize(
@@ -42,7 +42,7 @@ def test_kd_estimators_by_hand(estimator: str, value: float, derivative: float) 
         loss_mask=torch.ones(1, 1),
         teacher_logprobs=torch.tensor([[-2.0]]),
     )
-    config = AlgorithmConfig(name="kdrl", kd_estimator=estimator)  # type: ignore[arg-type]
+    config = KdrlConfig(kd_estimator=estimator)  # type: ignore[arg-type]
     loss, grad, metrics = loss_and_grad(inputs, config)
     assert loss.item() == pytest.approx(5e-3 * value, abs=1e-8)
     assert grad.item() == pytest.approx(5e-3 * derivative, abs=1e-8)
@@ -52,8 +52,8 @@ def test_kd_estimators_by_hand(estimator: str, value: float, derivative: float) 
 
 def test_kdrl_is_grpo_plus_the_kd_term() -> None:
     inputs = random_inputs(seed=3)
-    grpo_loss, grpo_grad, _ = loss_and_grad(inputs, AlgorithmConfig(name="grpo"))
-    kdrl_loss, kdrl_grad, metrics = loss_and_grad(inputs, AlgorithmConfig(name="kdrl"), step=500)
+    grpo_loss, grpo_grad, _ = loss_and_grad(inputs, GrpoConfig())
+    kdrl_loss, kdrl_grad, metrics = loss_and_grad(inputs, KdrlConfig(), step=500)
     # k2's derivative is d = logp − logp_T, token-mean weights, β_kd(500) = 3e-3
     mask = inputs.loss_mask
     d = (inputs.trainer_logprobs - inputs.teacher_logprobs).detach()  # type: ignore[operator]
@@ -68,10 +68,10 @@ def test_reward_guided_masking_skips_kd_on_correct_completions() -> None:
     inputs = random_inputs(seed=4)
     assert inputs.correct is not None
     inputs.correct = torch.tensor([True, False, True, False, True, False])
-    config = AlgorithmConfig(name="kdrl", kd_reward_masking=True)
-    _, grpo_grad, _ = loss_and_grad(inputs, AlgorithmConfig(name="grpo"))
+    config = KdrlConfig(kd_reward_masking=True)
+    _, grpo_grad, _ = loss_and_grad(inputs, GrpoConfig())
     _, masked_grad, _ = loss_and_grad(inputs, config)
-    _, unmasked_grad, _ = loss_and_grad(inputs, AlgorithmConfig(name="kdrl"))
+    _, unmasked_grad, _ = loss_and_grad(inputs, KdrlConfig())
     correct, wrong = inputs.correct, ~inputs.correct
     torch.testing.assert_close(masked_grad[correct], grpo_grad[correct])  # no KD at all
     torch.testing.assert_close(masked_grad[wrong], unmasked_grad[wrong])  # full KD

@@ -1,5 +1,5 @@
 """TRRD / GRPO surrogate: values worked out by hand, α = 1 is GRPO, the fast path equals the
-plain autograd transcription of DESIGN.md section 4, padding and micro-batching are exact."""
+plain autograd transcription of docs/design.md#the-math, padding and micro-batching are exact."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
-from loss_reference import loss_and_grad, random_inputs, reference_loss_and_grad
+from loss_reference import algorithm, loss_and_grad, random_inputs, reference_loss_and_grad
 
-from trainer.algorithm import AlgorithmConfig
+from services.config.algorithm import GrpoConfig, KdrlConfig, TrrdConfig
 from trainer.loss import LossInputs, policy_loss
 
 
@@ -42,7 +42,7 @@ def test_trrd_ratio_mode_by_hand() -> None:
     #   log r = 0.25·0.1 + 0.75·1 = 0.775, r = 2.170592 > 0.8: loss +2.170592,
     #   d/dlogp = −A·r·α = 0.542648 (the clamped term is constant: slope α only).
     inputs = tokens([-1.0, -1.0], [-1.2, -1.1], [1.0, -1.0], teacher=[-0.5, -3.5])
-    loss, grad, metrics = loss_and_grad(inputs, AlgorithmConfig(alpha=0.25))
+    loss, grad, metrics = loss_and_grad(inputs, TrrdConfig(alpha=0.25))
     assert loss.item() == pytest.approx((-0.722527 + 2.170592) / 2, abs=1e-5)
     torch.testing.assert_close(grad, torch.tensor([[-0.722527], [0.542648]]) / 2)
     assert metrics["ratio_mean"] == pytest.approx((0.722527 + 2.170592) / 2, abs=1e-5)
@@ -57,8 +57,8 @@ def test_anchor_mode_by_hand() -> None:
     # anchor: log r = 0.2 + 0.75·clamp(old − T = 2.8) = 0.95, r = 2.585710, slope 1.
     # ratio:  log r = 0.25·0.2 + 0.75·clamp(logp − T = 3) = 0.8, r = 2.225541, slope 0.25.
     inputs = tokens([-1.0], [-1.2], [-1.0], teacher=[-4.0])
-    anchor = loss_and_grad(inputs, AlgorithmConfig(alpha=0.25, clamp_mode="anchor"))
-    ratio = loss_and_grad(inputs, AlgorithmConfig(alpha=0.25, clamp_mode="ratio"))
+    anchor = loss_and_grad(inputs, TrrdConfig(alpha=0.25, clamp_mode="anchor"))
+    ratio = loss_and_grad(inputs, TrrdConfig(alpha=0.25, clamp_mode="ratio"))
     assert anchor[0].item() == pytest.approx(2.585710, abs=1e-5)
     assert anchor[1].item() == pytest.approx(2.585710, abs=1e-5)
     assert ratio[0].item() == pytest.approx(2.225541, abs=1e-5)
@@ -72,7 +72,7 @@ def test_grpo_by_hand() -> None:
     # A = −1: r = e^−0.5 = 0.606531 < 0.8 → loss +0.8, no gradient (clip low)
     # A = −1: r = e^0.1 = 1.105171 → loss +1.105171, d/dlogp = −A·r = 1.105171
     inputs = tokens([-1.0, -2.0, -1.4], [-1.5] * 3, [2.0, -1.0, -1.0])
-    loss, grad, metrics = loss_and_grad(inputs, AlgorithmConfig(name="grpo"))
+    loss, grad, metrics = loss_and_grad(inputs, GrpoConfig())
     assert loss.item() == pytest.approx((-2.56 + 0.8 + 1.105171) / 3, abs=1e-5)
     torch.testing.assert_close(grad, torch.tensor([[0.0], [0.0], [1.105171 / 3]]))
     assert metrics["clip_frac_high"] == metrics["clip_frac_low"] == pytest.approx(1 / 3)
@@ -82,7 +82,7 @@ def test_grpo_by_hand() -> None:
 def test_alpha_zero_anchors_the_ratio_on_the_teacher() -> None:
     # α = 0: r = π_θ / π_T whatever π_old: logp − T = 0.1 → r = e^0.1, loss −A·r for A = 1.
     inputs = tokens([-1.0], [-5.0], [1.0], teacher=[-1.1])
-    loss, grad, _ = loss_and_grad(inputs, AlgorithmConfig(alpha=0.0))
+    loss, grad, _ = loss_and_grad(inputs, TrrdConfig(alpha=0.0))
     assert loss.item() == pytest.approx(-math.exp(0.1), abs=1e-6)
     assert grad.item() == pytest.approx(-math.exp(0.1), abs=1e-6)
 
@@ -91,14 +91,14 @@ def test_alpha_zero_anchors_the_ratio_on_the_teacher() -> None:
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
 def test_trrd_with_alpha_one_is_grpo(clamp_mode: str, aggregation: str) -> None:
     inputs = random_inputs(spread=3.0)  # a teacher far enough to hit the clamp often
-    trrd = AlgorithmConfig(alpha=1.0, clamp_mode=clamp_mode, aggregation=aggregation)
-    grpo = AlgorithmConfig(name="grpo", aggregation=aggregation)
+    trrd = TrrdConfig(alpha=1.0, clamp_mode=clamp_mode, aggregation=aggregation)
+    grpo = GrpoConfig(aggregation=aggregation)
     trrd_loss, trrd_grad, metrics = loss_and_grad(inputs, trrd)
     grpo_loss, grpo_grad, _ = loss_and_grad(inputs, grpo)
     assert metrics["teacher_clamp_frac"] > 0.2  # the teacher term was there, with weight 0
     torch.testing.assert_close(trrd_loss, grpo_loss, rtol=0, atol=1e-7)
     torch.testing.assert_close(trrd_grad, grpo_grad, rtol=0, atol=1e-7)
-    assert not torch.equal(loss_and_grad(inputs, AlgorithmConfig())[1], grpo_grad)
+    assert not torch.equal(loss_and_grad(inputs, TrrdConfig())[1], grpo_grad)
 
 
 CONFIGS = [
@@ -120,7 +120,7 @@ CONFIGS = [
     "fields", CONFIGS, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items())
 )
 def test_fast_path_equals_plain_autograd(fields: dict[str, object]) -> None:
-    config = AlgorithmConfig(**fields)  # type: ignore[arg-type]
+    config = algorithm(**fields)
     for seed in range(3):
         inputs = random_inputs(seed=seed, spread=1.5)
         if config.kl_beta == 0:
@@ -137,7 +137,7 @@ def test_teacher_clamp_engages_exactly_beyond_c(clamp_mode: str) -> None:
     # log r = 0.5·clamp(gap) with gap = logp − T (ratio) or old − T (anchor).
     gaps = [0.999, 1.0, 1.001, 3.0, -0.999, -1.0, -1.001, -3.0]
     inputs = tokens([-2.0] * 8, [-2.0] * 8, [1.0] * 8, teacher=[-2.0 - g for g in gaps])
-    config = AlgorithmConfig(clamp_mode=clamp_mode, eps_low=0.9, eps_high=1.0)
+    config = TrrdConfig(clamp_mode=clamp_mode, eps_low=0.9, eps_high=1.0)
     loss, grad, metrics = loss_and_grad(inputs, config)
     clamped = [max(-1.0, min(1.0, g)) for g in gaps]
     ratios = torch.tensor([math.exp(0.5 * g) for g in clamped])
@@ -160,7 +160,7 @@ def test_padding_tokens_contribute_nothing() -> None:
         }
     )
     noisy.entropy = torch.where(padding, 1e4, inputs.entropy)
-    for config in (AlgorithmConfig(tis_cap=2.0, kl_beta=0.1), AlgorithmConfig(name="kdrl")):
+    for config in (TrrdConfig(tis_cap=2.0, kl_beta=0.1), KdrlConfig()):
         loss, grad, metrics = loss_and_grad(inputs, config)
         noisy_loss, noisy_grad, noisy_metrics = loss_and_grad(noisy, config)
         assert noisy_loss.item() == pytest.approx(loss.item(), rel=1e-6)
@@ -171,7 +171,7 @@ def test_padding_tokens_contribute_nothing() -> None:
 
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
 def test_micro_batches_add_up_to_the_global_batch(aggregation: str) -> None:
-    config = AlgorithmConfig(aggregation=aggregation, kl_beta=0.1)
+    config = TrrdConfig(aggregation=aggregation, kl_beta=0.1)
     whole = random_inputs(rows=7, seed=2)
     loss, grad, _ = loss_and_grad(whole, config)
     totals = {
@@ -192,7 +192,7 @@ def test_micro_batches_add_up_to_the_global_batch(aggregation: str) -> None:
 
 def test_a_micro_batch_without_tokens_gives_zero_and_still_backpropagates() -> None:
     inputs = random_inputs(lengths=[0] * 6)
-    loss, metrics = policy_loss(inputs, AlgorithmConfig(), step=0, total_tokens=10.0)
+    loss, metrics = policy_loss(inputs, TrrdConfig(), step=0, total_tokens=10.0)
     loss.backward()
     assert loss.item() == 0.0
     assert inputs.trainer_logprobs.grad is not None
@@ -204,8 +204,8 @@ def test_dual_clip_caps_negative_advantage_losses() -> None:
     # A = −1, r = e^1.5 = 4.481689: plain PPO loss 4.481689 with gradient 4.481689;
     # dual-clip C = 3: loss min(4.481689, −C·A = 3) = 3, and no gradient.
     inputs = tokens([-1.0], [-2.5], [-1.0])
-    plain = loss_and_grad(inputs, AlgorithmConfig(name="grpo"))
-    dual = loss_and_grad(inputs, AlgorithmConfig(name="grpo", dual_clip=3.0))
+    plain = loss_and_grad(inputs, GrpoConfig())
+    dual = loss_and_grad(inputs, GrpoConfig(dual_clip=3.0))
     assert (plain[0].item(), plain[1].item()) == pytest.approx((4.481689, 4.481689), abs=1e-5)
     assert (dual[0].item(), dual[1].item()) == pytest.approx((3.0, 0.0))
     assert (dual[2]["dual_clip_frac"], dual[2]["clip_frac_low"]) == (1.0, 0.0)
@@ -215,7 +215,7 @@ def test_truncated_importance_weight_scales_each_token() -> None:
     # old − rollout = log 3 → weight min(3, cap 2) = 2; r = 1, A = −1 → loss 2·1, grad 2.
     inputs = tokens([-1.0], [-1.0], [-1.0])
     inputs.rollout_logprobs = inputs.old_logprobs - math.log(3.0)
-    loss, grad, metrics = loss_and_grad(inputs, AlgorithmConfig(name="grpo", tis_cap=2.0))
+    loss, grad, metrics = loss_and_grad(inputs, GrpoConfig(tis_cap=2.0))
     assert (loss.item(), grad.item()) == pytest.approx((2.0, 2.0))
     assert metrics["is_weight_mean"] == pytest.approx(2.0)
 
@@ -224,7 +224,7 @@ def test_kl_k3_penalty_by_hand() -> None:
     # logp = −1, ref = −2: q = ref − logp = −1, k3 = e^q − q − 1 = 0.367879, d/dlogp = 1 − e^q.
     # A = 0 removes the policy term; β = 0.1.
     inputs = tokens([-1.0], [-1.0], [0.0], ref_logprobs=torch.tensor([[-2.0]]))
-    loss, grad, metrics = loss_and_grad(inputs, AlgorithmConfig(name="grpo", kl_beta=0.1))
+    loss, grad, metrics = loss_and_grad(inputs, GrpoConfig(kl_beta=0.1))
     assert loss.item() == pytest.approx(0.1 * 0.367879, abs=1e-6)
     assert grad.item() == pytest.approx(0.1 * 0.632121, abs=1e-6)
     assert metrics["kl"] == pytest.approx(0.367879, abs=1e-6)
@@ -234,12 +234,12 @@ def test_inputs_the_config_needs_are_checked() -> None:
     inputs = random_inputs()
     inputs.teacher_logprobs = None
     with pytest.raises(ValueError, match="teacher_logprobs"):
-        policy_loss(inputs, AlgorithmConfig(), step=0)
+        policy_loss(inputs, TrrdConfig(), step=0)
     inputs = random_inputs()
     inputs.ref_logprobs = None
     with pytest.raises(ValueError, match="ref_logprobs"):
-        policy_loss(inputs, AlgorithmConfig(kl_beta=0.1), step=0)
+        policy_loss(inputs, TrrdConfig(kl_beta=0.1), step=0)
     inputs = random_inputs()
     inputs.correct = None
     with pytest.raises(ValueError, match="correct"):
-        policy_loss(inputs, AlgorithmConfig(name="kdrl", kd_reward_masking=True), step=0)
+        policy_loss(inputs, KdrlConfig(kd_reward_masking=True), step=0)

@@ -13,9 +13,8 @@ import math
 
 import pytest
 import torch
-from loss_reference import loss_and_grad
+from loss_reference import algorithm, loss_and_grad
 
-from trainer.algorithm import AlgorithmConfig
 from trainer.loss import LossInputs
 
 OLD = -2.0
@@ -38,7 +37,7 @@ def room(advantage: float, teacher_offset: float | None, name: str = "trrd") -> 
         loss_mask=torch.ones(count, 1),
         teacher_logprobs=teacher,
     )
-    _, grad, _ = loss_and_grad(inputs, AlgorithmConfig(name=name))  # type: ignore[arg-type]
+    _, grad, _ = loss_and_grad(inputs, algorithm(name=name))
     clipped = (grad.squeeze(1) == 0).nonzero()
     return DELTAS[clipped[0, 0]].item() if len(clipped) else math.inf
 
@@ -88,7 +87,7 @@ def test_near_zero_advantage_means_no_imitation(teacher_offset: float) -> None:
             loss_mask=torch.ones(1, 1),
             teacher_logprobs=torch.tensor([[OLD + teacher_offset]]),
         )
-        return loss_and_grad(inputs, AlgorithmConfig(name=name))[1].item()  # type: ignore[arg-type]
+        return loss_and_grad(inputs, algorithm(name=name))[1].item()
 
     assert grad(0.0, "trrd") == 0.0
     for sign in (1.0, -1.0):  # the gradient is linear in A: it vanishes with it

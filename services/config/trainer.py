@@ -1,21 +1,29 @@
-"""Configuration of the trainer process (`rlad train`): optimisation, batching, DeepSpeed,
-staleness, checkpoints and weight pushes. The loss itself is `trainer.algorithm.AlgorithmConfig`.
+"""The `trainer:` block of a run config (`rlad train`): optimisation, batching, DeepSpeed,
+staleness, checkpoints and weight pushes. The loss itself is the `algorithm:` block.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
+
+from services.config.base import StrictModel
 
 
-class TrainerConfig(BaseModel):
+class TrainerConfig(StrictModel):
+    retired: ClassVar[Mapping[str, str]] = {
+        "temperature": "{path} moved to rollout.temperature: one temperature, read by "
+        "sampling and by the trainer's logprobs alike",
+    }
+
     steps: int = Field(default=30, ge=1, description="Optimizer steps (one per global batch).")
     batch_prompts: int = Field(
         default=8, ge=1, description="Prompt groups per global batch (B); each holds G samples."
     )
     lr: float = Field(default=1e-5, gt=0.0, description="Peak learning rate (AdamW).")
-    weight_decay: float = Field(default=0.0, ge=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW weight decay.")
     warmup_steps: int = Field(default=0, ge=0, description="Linear LR warm-up, then constant.")
     grad_clip: float = Field(default=1.0, gt=0.0, description="Global gradient-norm clip.")
     micro_batch_tokens: int = Field(
@@ -30,9 +38,6 @@ class TrainerConfig(BaseModel):
         ge=0,
         description="Groups sampled more than this many versions behind are dropped (counted).",
     )
-    temperature: float = Field(
-        default=1.0, gt=0.0, description="Sampling temperature, applied to trainer logits too."
-    )
     checkpoint_every: int = Field(
         default=10, ge=1, description="Checkpoint (and acknowledge consumed groups) every N steps."
     )
@@ -40,8 +45,14 @@ class TrainerConfig(BaseModel):
     push_transport: Literal["http", "file"] = Field(
         default="http", description="How new weights reach the rollout servers."
     )
-    push_timeout_s: float = Field(default=120.0, gt=0.0)
-    seed: int = Field(default=0)
+    push_timeout_s: float = Field(
+        default=120.0,
+        gt=0.0,
+        description="Deadline of the trainer's calls to the rollout servers (weight pushes, "
+        "version checks): how long a server that is unreachable or still loading is retried "
+        "before the trainer fails.",
+    )
+    seed: int = Field(default=0, description="Seeds the trainer's torch generator.")
     tensorboard: bool = Field(default=False, description="Also log to TensorBoard (run_dir/tb).")
     wandb_project: str | None = Field(default=None, description="Also log to this wandb project.")
 

