@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup run test lint typecheck unit bench compare
+.PHONY: setup run test lint typecheck unit bench compare gpu-smoke gpu-wheels compose-smoke
 
 setup:
 	bash scripts/setup.sh
@@ -37,3 +37,17 @@ bench: setup
 compare: setup
 	$(BIN)/rlad bootstrap --out artifacts/tiny
 	$(BIN)/python bench/compare.py
+
+# The CPU stack of docker-compose.yml built, run and checked end to end with docker compose
+# (docs/operations.md#the-compose-smoke-run); needs a Docker engine, or root to start one.
+compose-smoke:
+	bash scripts/compose_smoke.sh
+
+# On a machine with CUDA GPUs: the whole pipeline on the GPU for 20 steps, checked, then its
+# figures (scripts/gpu_smoke.sh; no setup: it installs what is missing from .gpu-wheels/).
+gpu-smoke:
+	bash scripts/gpu_smoke.sh
+
+# The wheels gpu-smoke installs on a GPU machine without network, downloaded here.
+gpu-wheels: setup
+	bash scripts/gpu_wheels.sh

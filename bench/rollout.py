@@ -52,6 +52,7 @@ def start(model: Path, backend: str, logs: Path) -> tuple[ManagedProcess, str]:
     port = free_port()
     argv = [sys.executable, "-m", "services.cli.main", "serve-rollout", "--model", str(model)]
     argv += ["--backend", backend, "--port", str(port), "--work-dir", str(STAGING / str(port))]
+    argv += ["--weights-dir", str(logs)]  # where push_seconds writes its file updates
     if backend == "vllm":
         argv += ["--kv-cache-gib", "1"]
     server = ManagedProcess(backend, argv, logs / f"{backend}-{port}.log").start()

@@ -1,20 +1,36 @@
 #!/bin/sh
-# Entrypoint of every rlad image: secrets into the environment, the experiment template
-# rendered, then the command (`rlad ...`, `torchrun ...`) in place of this shell.
+# Entrypoint of every rlad image: the API key from its secret into the environment, the
+# experiment template rendered, then the command (`rlad ...`, `torchrun ...`) in place of
+# this shell.
 #
 # Compose mounts secrets as files (/run/secrets/NAME), so keys never sit in an image or in
-# `docker inspect`; they live only in this process's environment.
+# `docker inspect`; they live only in this process's environment. Outside swarm a secret is
+# a bind mount of the host file, with the host's owner and mode, and a host path that does
+# not exist may arrive as an empty directory: both stop the container here, saying what to
+# do, instead of a server that runs without its key.
 set -eu
 
-if [ -f /run/secrets/rlad_api_key ]; then
-  RLAD_API_KEY=$(cat /run/secrets/rlad_api_key)
+SECRET=/run/secrets/rlad_api_key
+if [ -e "$SECRET" ]; then
+  if [ ! -f "$SECRET" ]; then
+    echo "$SECRET is not a file: create secrets/rlad_api_key on the host (see .env.example)" >&2
+    exit 64
+  fi
+  if [ ! -r "$SECRET" ]; then
+    echo "$SECRET is not readable by uid $(id -u): on the host, give the file group" \
+      "$(id -g) and mode 0640 (see .env.example)" >&2
+    exit 64
+  fi
+  RLAD_API_KEY=$(cat "$SECRET")
   if [ -z "$RLAD_API_KEY" ]; then
-    echo "RLAD_API_KEY is empty: set it in .env (see .env.example)" >&2
+    echo "$SECRET is empty: put a key in secrets/rlad_api_key (see .env.example)" >&2
     exit 64
   fi
   export RLAD_API_KEY
 fi
 if [ -n "${RLAD_CONFIG_TEMPLATE:-}" ]; then
-  python3 /opt/rlad/docker/render_config.py "$RLAD_CONFIG_TEMPLATE" > /tmp/rlad-config.yaml
+  # shellcheck disable=SC2086 # RLAD_CONFIG_OVERLAY: zero or more paths
+  python3 /opt/rlad/docker/render_config.py "$RLAD_CONFIG_TEMPLATE" ${RLAD_CONFIG_OVERLAY:-} \
+    > /tmp/rlad-config.yaml
 fi
 exec "$@"

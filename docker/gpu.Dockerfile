@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # The GPU image: teacher server, rollout server and trainer.
 #
 # vLLM's own image is the base, so the serving processes run the vLLM build the project is

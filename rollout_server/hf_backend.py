@@ -37,7 +37,6 @@ from services.common.protocol import (
     WeightProbe,
 )
 from services.config.servers import RolloutServerConfig
-from services.weights.probe import check_probe
 
 log = logging.getLogger(__name__)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -177,14 +176,22 @@ class HFRolloutEngine(VersionedEngine):
         state: dict[str, torch.Tensor] = {}
         for path in staged.files():
             state.update(load_file(str(path)))
-        candidate = copy.deepcopy(self.model)
+        candidate = self.copy_model()
         candidate.load_state_dict(state, strict=True)  # casts to the serving dtype
-        probe_diff = None
-        if probe is not None:
-            ids = torch.tensor([probe.token_ids], device=self.device)
-            with torch.no_grad():
-                served, _ = sequence_logprobs(candidate, ids, torch.ones_like(ids))
-            probe_diff = check_probe(probe, served[0].float().tolist())
+        return self.probe_and_swap(candidate, probe)
+
+    def copy_model(self) -> Any:
+        """A copy of the serving model to load an update into (the served one stays)."""
+        return copy.deepcopy(self.model)
+
+    def probe_and_swap(self, candidate: Any, probe: WeightProbe | None) -> float | None:
+        """Serve `candidate` once it passes the probe (max |diff|), or without one scores
+        finite logprobs on the server's own; otherwise 422 and the model that served keeps
+        serving."""
+        ids = torch.tensor([self.probe_ids(probe)], device=self.device)
+        with torch.no_grad():
+            served, _ = sequence_logprobs(candidate, ids, torch.ones_like(ids))
+        probe_diff = self.check_served(probe, served[0].float().tolist())
         with self._model_lock:
             self.model = candidate
         return probe_diff

@@ -55,10 +55,26 @@ class RolloutEngine(Protocol):
 
 
 def resolve_prompts(request: GenerateRequest, tokenizer: Any) -> list[list[int]]:
+    """The prompts as token ids; 422 for a text that encodes to no token (an empty string,
+    or characters the tokenizer drops), which no model can continue."""
     if request.prompts is not None:
         return request.prompts
     assert request.prompt_texts is not None  # the schema guarantees one form
-    return [tokenizer.encode(text, add_special_tokens=False) for text in request.prompt_texts]
+    prompts = [tokenizer.encode(text, add_special_tokens=False) for text in request.prompt_texts]
+    empty = [i for i, prompt in enumerate(prompts) if not prompt]
+    if empty:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"prompt_texts[{empty[0]}] encodes to no tokens ({len(empty)} such prompts); "
+            "send text the tokenizer knows, or token ids",
+        )
+    return prompts
+
+
+def generation_cost(prompts: list[list[int]], budgets: list[int], n: int) -> int:
+    """Tokens of work a request asks for: each prompt, and n completions up to its budget."""
+    return sum(len(prompt) + n * budget for prompt, budget in zip(prompts, budgets, strict=True))
 
 
 def completion_budgets(
@@ -80,6 +96,12 @@ def completion_budgets(
             "too_large",
             f"{len(prompts)} prompts x n={sampling.n} = {total} sequences exceeds the limit of "
             f"{max_sequences} per request; split the batch",
+        )
+    if sampling.top_k > vocab_size:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"top_k={sampling.top_k} exceeds the vocabulary ({vocab_size}); -1 disables top-k",
         )
     bad_stop = [t for t in sampling.stop_token_ids if not 0 <= t < vocab_size]
     if bad_stop:

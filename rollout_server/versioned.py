@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rollout_server.gate import VersionGate
-from rollout_server.rollout_engine import completion_budgets, resolve_prompts
+from rollout_server.rollout_engine import completion_budgets, generation_cost, resolve_prompts
 from rollout_server.staging import (
     UPLOAD_FILE,
     StagedWeights,
@@ -37,6 +38,7 @@ from rollout_server.staging import (
     receive_upload,
     verify_staged,
 )
+from services.common.admission import Admission
 from services.common.http_server import ApiError
 from services.common.model_files import ModelFacts
 from services.common.protocol import (
@@ -50,9 +52,10 @@ from services.common.protocol import (
     WeightUpdateResponse,
 )
 from services.config.servers import RolloutServerConfig
+from services.weights.probe import check_probe, probe_token_ids
 
 log = logging.getLogger(__name__)
-Transport = Literal["file", "http", "nccl"]
+Transport = Literal["file", "http", "nccl", "cuda_ipc"]
 
 
 class VersionedEngine:
@@ -63,6 +66,10 @@ class VersionedEngine:
         self.facts = facts
         self.tokenizer = tokenizer
         self.gate = VersionGate(config.policy_version)
+        self.admission = Admission(config.max_queue_tokens, "tokens")
+        # Scored after every load that brings no probe: weights that load but compute NaN
+        # or infinity never serve.
+        self.own_probe_ids = probe_token_ids(facts.vocab_size, min(32, facts.max_model_len))
         self.revision = facts.revision
         self.schema = WeightSchema.from_model_dir(facts.path)
         self._owns_work_dir = config.work_dir is None
@@ -117,8 +124,10 @@ class VersionedEngine:
             max_model_len=self.facts.max_model_len,
             max_sequences=self.config.max_sequences_per_request,
         )
-        async with self.gate.reading() as version:
-            results = await self._sample(prompts, budgets, request.sampling)
+        cost = generation_cost(prompts, budgets, request.sampling.n)
+        with self.admission.hold(cost):
+            async with self.gate.reading() as version:
+                results = await self._sample(prompts, budgets, request.sampling)
         if request.prompt_texts is not None:
             for result in results:
                 for completion in result.completions:
@@ -144,6 +153,43 @@ class VersionedEngine:
             raise ApiError(422, "checksum_required", "this server requires sha256 of the weights")
         if self.config.require_probe and request.probe is None:
             raise ApiError(422, "probe_required", "this server requires a probe with each update")
+        if request.probe is not None:
+            self._check_probe_ids(request.probe.token_ids)
+
+    def _check_probe_ids(self, ids: list[int]) -> None:
+        """A probe the model can score: ids in the vocabulary, no longer than the context."""
+        vocab, longest = self.facts.vocab_size, self.facts.max_model_len
+        outside = [t for t in ids if not 0 <= t < vocab]
+        if outside:
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"probe token ids {outside[:5]} are outside the vocab [0, {vocab})",
+            )
+        if len(ids) > longest:
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"the probe has {len(ids)} tokens, over max_model_len {longest}",
+            )
+
+    def probe_ids(self, probe: WeightProbe | None) -> list[int]:
+        """The tokens to score after loading: the sender's probe, or the server's own."""
+        return probe.token_ids if probe is not None else self.own_probe_ids
+
+    def check_served(self, probe: WeightProbe | None, served: list[float]) -> float | None:
+        """Judge the loaded weights by the logprobs of `probe_ids(probe)`: the sender's
+        probe must match (its max |diff|); without one, every logprob must be finite."""
+        if probe is not None:
+            return check_probe(probe, served)
+        if not all(math.isfinite(x) for x in served):
+            raise ApiError(
+                422,
+                "weights_not_finite",
+                "the loaded weights score the server's probe sequence to NaN or infinity; "
+                "the old weights keep serving",
+            )
+        return None
 
     def _new_staging_dir(self) -> Path:
         folder = self.work_dir / f"staging-{uuid.uuid4().hex[:12]}"
@@ -157,7 +203,9 @@ class VersionedEngine:
             raise ApiError(422, "invalid_request", "give `path`: a safetensors file or folder")
         folder = self._new_staging_dir()
         try:
-            files = await asyncio.to_thread(link_or_copy, Path(request.path), folder)
+            files = await asyncio.to_thread(
+                link_or_copy, request.path, self.config.weights_dir, folder
+            )
             digests = await asyncio.gather(*(asyncio.to_thread(file_sha256, f) for f in files))
             received = {f.name: d for f, d in zip(files, digests, strict=True)}
             staged = await asyncio.to_thread(
@@ -178,7 +226,8 @@ class VersionedEngine:
             _, digest = await receive_upload(
                 chunks,
                 folder,
-                max_bytes=self.config.max_weights_bytes,
+                self.schema,
+                max_bytes=min(self.config.max_weights_bytes, self.schema.max_file_bytes),
                 idle_timeout_s=self.config.upload_idle_timeout_s,
             )
             staged = await asyncio.to_thread(
@@ -204,8 +253,7 @@ class VersionedEngine:
             self.revision = staged.revision
             self.broken = None
             previous, self.serving_dir = self.serving_dir, staged.folder
-        if previous is not None and previous.parent == self.work_dir:  # not the model folder
-            shutil.rmtree(previous, ignore_errors=True)
+        self.discard_staged(previous)
         response = WeightUpdateResponse(
             policy_version=request.version,
             revision=staged.revision,
@@ -223,6 +271,11 @@ class VersionedEngine:
             probe_diff,
         )
         return response
+
+    def discard_staged(self, folder: Path | None) -> None:
+        """Remove a staged folder that no longer serves (never the model's own folder)."""
+        if folder is not None and folder.parent == self.work_dir:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def shutdown(self) -> None:
         self._close()

@@ -36,7 +36,6 @@ from services.common.protocol import (
     WeightProbe,
 )
 from services.config.servers import RolloutServerConfig
-from services.weights.probe import check_probe
 
 log = logging.getLogger(__name__)
 FINISH_REASONS: dict[str | None, FinishReason] = {"stop": "stop", "length": "length"}
@@ -179,7 +178,7 @@ class VLLMRolloutEngine(VersionedEngine):
     async def _swap_in(self, staged: StagedWeights, probe: WeightProbe | None) -> float | None:
         try:
             await self._reload(str(staged.folder))
-            return check_probe(probe, await self.score(probe.token_ids)) if probe else None
+            return self.check_served(probe, await self.score(self.probe_ids(probe)))
         except BaseException as exc:
             error = await self.restore_after(exc)
             if error is exc:

@@ -17,13 +17,17 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 
-from services.common import wire
-from services.common.http_server import ApiError, create_base_app, read_body, respond
+from services.common.http_server import (
+    ApiError,
+    create_base_app,
+    document_bodies,
+    error_docs,
+    read_body,
+    respond,
+)
 from services.common.protocol import (
-    ErrorResponse,
     ScoreRequest,
     ScoreResponse,
     SequenceScores,
@@ -42,19 +46,19 @@ numeric lists as raw little-endian int32/float32 arrays, see `services.common.wi
 `Accept: application/msgpack` to get msgpack back. When the server has `RLAD_API_KEY`
 set, every route except `/health` and `/metrics` needs `Authorization: Bearer <key>`."""
 
-SCORE_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "Body is not valid JSON / msgpack."},
-    401: {"model": ErrorResponse, "description": "Missing or wrong bearer token."},
-    413: {"model": ErrorResponse, "description": "Body or total tokens over the limit."},
-    415: {"model": ErrorResponse, "description": "Content-Type is neither JSON nor msgpack."},
-    422: {
-        "model": ErrorResponse,
-        "description": "Invalid request: names the sequence and index (empty, `start` out of "
-        "range, id outside the vocabulary, longer than max_model_len, top_k too large).",
-    },
-    429: {"model": ErrorResponse, "description": "Queue full; see the Retry-After header."},
-    503: {"model": ErrorResponse, "description": "Engine still loading."},
-}
+SCORE_ERRORS = error_docs(
+    {
+        400: "Body is not valid JSON / msgpack.",
+        401: "Missing or wrong bearer token.",
+        408: "The body did not arrive within body_timeout_s.",
+        413: "Body, total tokens or the work they ask for over the limit.",
+        415: "Content-Type is neither JSON nor msgpack.",
+        422: "Invalid request: names the sequence and index (empty, `start` out of range, id "
+        "outside the vocabulary, longer than max_model_len, top_k too large).",
+        429: "Admission bound full; see the Retry-After header.",
+        503: "Engine still loading.",
+    }
+)
 
 
 class _State:
@@ -86,29 +90,6 @@ async def score_through_cache(
     return [r for r in results if r is not None]
 
 
-def _document_body(app: FastAPI, path: str, schema: type[ScoreRequest]) -> None:
-    """Routes read their body themselves (JSON or msgpack); describe it in the OpenAPI doc."""
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            doc = get_openapi(
-                title=app.title, version=app.version, description=app.description, routes=app.routes
-            )
-            body = schema.model_json_schema(ref_template="#/components/schemas/{model}")
-            components = doc.setdefault("components", {}).setdefault("schemas", {})
-            components.update(body.pop("$defs", {}))
-            components[schema.__name__] = body
-            ref = {"$ref": f"#/components/schemas/{schema.__name__}"}
-            doc["paths"][path]["post"]["requestBody"] = {
-                "required": True,
-                "content": {wire.JSON: {"schema": ref}, wire.MSGPACK: {"schema": ref}},
-            }
-            app.openapi_schema = doc
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
 def create_app(config: TeacherServerConfig, engine: TeacherEngine | None = None) -> FastAPI:
     """The app; loads the engine the config names at start-up unless one is passed in."""
     metrics = TeacherMetrics()
@@ -123,6 +104,7 @@ def create_app(config: TeacherServerConfig, engine: TeacherEngine | None = None)
             state.engine = engine
         state.batcher = DynamicBatcher(
             state.engine.score_sequences,
+            cost_fn=state.engine.cost,
             max_batch_tokens=config.max_batch_tokens,
             max_wait_s=config.max_wait_ms / 1000,
             max_queue_tokens=config.max_queue_tokens,
@@ -170,7 +152,7 @@ def create_app(config: TeacherServerConfig, engine: TeacherEngine | None = None)
     async def score(request: Request) -> Response:
         began = time.monotonic()
         engine_, batcher = ready()
-        body = await read_body(request, ScoreRequest, config.max_body_bytes)
+        body = await read_body(request, ScoreRequest, config)
         info = engine_.info()
         validate_request(body, info, config)
         scores = await score_through_cache(body, info.revision, cache, batcher, metrics)
@@ -192,5 +174,5 @@ def create_app(config: TeacherServerConfig, engine: TeacherEngine | None = None)
     async def info(request: Request) -> Response:
         return respond(request, ready()[0].info())
 
-    _document_body(app, "/v1/score", ScoreRequest)
+    document_bodies(app, {"/v1/score": ScoreRequest})
     return app

@@ -5,9 +5,10 @@ Concurrent requests wait in one FIFO queue; a single worker task takes as many a
 join), scores them in one engine call on a worker thread, and hands each request its
 slice. While the engine is busy the queue fills, so batches grow with load by themselves.
 
-Admission is bounded by tokens (`max_queue_tokens` counts waiting and running work):
-past it `submit` raises a 429 with a Retry-After estimated from the measured throughput,
-so memory stays bounded whatever the load.
+Admission is bounded by cost (`services.common.admission`): `max_queue_tokens` counts the
+waiting and running work as the engine's `cost` prices it (padded tokens plus top-k
+entries); past it `submit` raises a 429 with a Retry-After estimated from the measured
+throughput, so memory and waiting time stay bounded whatever the load.
 """
 
 from __future__ import annotations
@@ -15,19 +16,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from services.common.http_server import ApiError
+from services.common.admission import Admission
+from services.common.http_server import ApiError, short_traceback
 from services.common.protocol import ScoreSequence, SequenceScores
 from teacher_server.metrics import TeacherMetrics
 
 log = logging.getLogger(__name__)
 
 ScoreFn = Callable[[Sequence[ScoreSequence], int], list[SequenceScores]]
+CostFn = Callable[[Sequence[ScoreSequence], int], int]
 
 
 @dataclass
@@ -57,6 +59,7 @@ class DynamicBatcher:
         self,
         score_fn: ScoreFn,
         *,
+        cost_fn: CostFn,
         max_batch_tokens: int,
         max_wait_s: float,
         max_queue_tokens: int,
@@ -64,16 +67,17 @@ class DynamicBatcher:
         metrics: TeacherMetrics | None = None,
     ) -> None:
         self.score_fn = score_fn
+        self.cost_fn = cost_fn
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_s
-        self.max_queue_tokens = max_queue_tokens
         self.enabled = enabled
         self.metrics = metrics or TeacherMetrics()
-        self.admitted_tokens = 0
+        self.admission = Admission(max_queue_tokens, "tokens")
+        self.metrics.queue_tokens.set_function(lambda: self.admission.admitted)
+        self.metrics.queue_requests.set_function(lambda: self.admission.requests)
         self._pending: deque[_Job] = deque()
         self._arrival = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
-        self._tokens_per_s = 0.0
 
     async def start(self) -> None:
         self._worker = asyncio.create_task(self._run(), name="teacher-batcher")
@@ -87,38 +91,14 @@ class DynamicBatcher:
             if not job.future.done():
                 job.future.set_exception(ApiError(503, "shutting_down", "server is stopping"))
 
-    def _retry_after_s(self, tokens: int) -> int:
-        """Seconds until the queue has drained enough to take `tokens` more."""
-        backlog = self.admitted_tokens + tokens - self.max_queue_tokens
-        if self._tokens_per_s <= 0:
-            return 1
-        return max(1, math.ceil(backlog / self._tokens_per_s))
-
     async def submit(self, sequences: list[ScoreSequence], top_k: int) -> list[SequenceScores]:
-        """Score `sequences` within some batch; 429 when admission is full."""
+        """Score `sequences` within some batch; 413/429 when admission cannot take them."""
         tokens = sum(len(seq.token_ids) for seq in sequences)
-        if self.admitted_tokens + tokens > self.max_queue_tokens:
-            retry = self._retry_after_s(tokens)
-            raise ApiError(
-                429,
-                "overloaded",
-                f"the server holds {self.admitted_tokens} tokens of work (limit "
-                f"{self.max_queue_tokens}); retry in {retry}s or use another replica",
-                headers={"Retry-After": str(retry)},
-            )
-        job = _Job(sequences, top_k, tokens, asyncio.get_running_loop().create_future())
-        self._admit(job, +1)
-        try:
+        with self.admission.hold(self.cost_fn(sequences, top_k)):
+            job = _Job(sequences, top_k, tokens, asyncio.get_running_loop().create_future())
             self._pending.append(job)
             self._arrival.set()
             return await job.future
-        finally:
-            self._admit(job, -1)
-
-    def _admit(self, job: _Job, sign: int) -> None:
-        self.admitted_tokens += sign * job.tokens
-        self.metrics.queue_tokens.set(self.admitted_tokens)
-        self.metrics.queue_requests.inc(sign)
 
     def _pending_tokens(self) -> int:
         return sum(job.tokens for job in self._pending)
@@ -157,20 +137,18 @@ class DynamicBatcher:
         self.metrics.batch_requests.observe(len(batch))
         self.metrics.batch_sequences.observe(len(sequences))
         self.metrics.batch_tokens.observe(tokens)
-        began = time.monotonic()
         try:
             scores = await asyncio.to_thread(self.score_fn, sequences, top_k)
         except Exception as exc:  # every waiter hears about it; the worker keeps serving
-            log.exception("engine call failed for a batch of %d sequences", len(sequences))
+            log.error(
+                "engine call failed for a batch of %d sequences\n%s",
+                len(sequences),
+                short_traceback(exc),
+            )
             for job in batch:
                 if not job.future.done():
                     job.future.set_exception(exc)
             return
-        elapsed = max(time.monotonic() - began, 1e-6)
-        measured = tokens / elapsed
-        self._tokens_per_s = (
-            measured if self._tokens_per_s == 0 else 0.8 * self._tokens_per_s + 0.2 * measured
-        )
         self.metrics.engine_tokens.inc(tokens)
         offset = 0
         for job in batch:

@@ -1,10 +1,10 @@
 """Transformers backend: batched forward passes with the trainer's logprob function.
 
-Sequences are sorted by length and padded up to a multiple of `length_bucket`; only
-sequences of the same bucket share a forward pass, and a pass holds at most
-`max_batch_tokens` padded tokens, so little compute goes to padding and memory is
-bounded. Logprobs come from `services.common.logprobs` so that teacher and trainer agree to the
-last bit on the same weights.
+Sequences are sorted by length and padded up to a multiple of `length_bucket` (shorter
+ones to a power of two); only sequences of the same padded length share a forward pass,
+and a pass holds at most `max_batch_tokens` padded tokens, so little compute goes to
+padding and memory is bounded. Logprobs come from `services.common.logprobs` so that
+teacher and trainer agree to the last bit on the same weights.
 """
 
 from __future__ import annotations
@@ -27,20 +27,29 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def padded_length(length: int, bucket: int, max_len: int) -> int:
+    """The length a sequence is padded to: the next multiple of `bucket` (never past
+    `max_len`), or below one bucket the next power of two, so that a short sequence does
+    not cost a whole bucket."""
+    if length < bucket:
+        return min(1 << (length - 1).bit_length(), bucket)
+    return min(-(-length // bucket) * bucket, max(max_len, length))
+
+
 def plan_micro_batches(
     lengths: Sequence[int], bucket: int, max_tokens: int, max_len: int
 ) -> Iterator[tuple[list[int], int]]:
     """Group sequence indices into `(indices, padded_len)` forward passes.
 
-    Shortest first; a pass only mixes lengths that round up to the same multiple of
-    `bucket` (never past `max_len`), and rows x padded_len stays within `max_tokens`
-    (one over-long sequence still gets a pass of its own).
+    Shortest first; a pass only mixes lengths of the same `padded_length`, and rows x
+    padded_len stays within `max_tokens` (one over-long sequence still gets a pass of its
+    own).
     """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batch: list[int] = []
     batch_len = 0
     for i in order:
-        padded = min(-(-lengths[i] // bucket) * bucket, max(max_len, lengths[i]))
+        padded = padded_length(lengths[i], bucket, max_len)
         if batch and (padded != batch_len or (len(batch) + 1) * padded > max_tokens):
             yield batch, batch_len
             batch = []
@@ -66,6 +75,9 @@ class HFTeacherEngine(EngineBase):
             facts.server_info("teacher", "hf", config.model),
         )
         log.info("hf engine ready: %s on %s, %s", config.model, self.device, self.model.dtype)
+
+    def padded_length(self, length: int) -> int:
+        return padded_length(length, self.config.length_bucket, self.max_len)
 
     def score_sequences(
         self, sequences: Sequence[ScoreSequence], top_k: int

@@ -14,10 +14,12 @@ ERROR_KINDS = {
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
+    408: "body_timeout",
     413: "too_large",
     415: "unsupported_media_type",
     422: "invalid_request",
     429: "overloaded",
+    499: "client_disconnected",
     500: "internal_error",
     503: "starting",
 }
@@ -62,7 +64,10 @@ class TeacherMetrics:
             registry=r,
         )
         self.queue_tokens = Gauge(
-            "rlad_teacher_queue_tokens", "Admitted tokens waiting or being scored.", registry=r
+            "rlad_teacher_queue_tokens",
+            "Admitted work waiting or being scored, in tokens as the engine pays for them "
+            "(padding and top-k entries counted).",
+            registry=r,
         )
         self.queue_requests = Gauge(
             "rlad_teacher_queue_requests", "Admitted requests waiting or being scored.", registry=r

@@ -39,6 +39,11 @@ class TeacherEngine(Protocol):
         """Validate and score a whole request in one call. Blocking."""
         ...
 
+    def cost(self, sequences: Sequence[ScoreSequence], top_k: int) -> int:
+        """The work scoring `sequences` takes, in tokens: as the engine runs them (padding
+        included) plus the top-k entries it returns. What admission counts."""
+        ...
+
     def close(self) -> None:
         """Release the model (and any engine processes)."""
         ...
@@ -58,6 +63,17 @@ class EngineBase:
         self, sequences: Sequence[ScoreSequence], top_k: int
     ) -> list[SequenceScores]:
         raise NotImplementedError
+
+    def padded_length(self, length: int) -> int:
+        """Tokens the engine runs for a sequence of `length` (a padding backend says more)."""
+        return length
+
+    def cost(self, sequences: Sequence[ScoreSequence], top_k: int) -> int:
+        # A top-k entry (an id and a logprob) weighs at least what a scored token does in
+        # the response and in the memory that holds it (about 23 bytes of JSON each): top_k
+        # 64 made a 264 KB request answer 96 MB, so each entry counts as a token.
+        tokens = sum(self.padded_length(len(seq.token_ids)) for seq in sequences)
+        return tokens + top_k * sum(len(seq.token_ids) - seq.start for seq in sequences)
 
     def score(self, request: ScoreRequest) -> ScoreResponse:
         validate_request(request, self.server_info, self.config)

@@ -1,17 +1,14 @@
 """Helpers for the teacher server tests: a naive reference forward pass, a teacher app
-served in a background thread (real HTTP on loopback, no process start-up), and a
-`rlad serve-teacher` child process."""
+served in a background thread (real HTTP on loopback, no process start-up; see
+`tests.server_support`), and a `rlad serve-teacher` child process."""
 
 from __future__ import annotations
 
 import random
 import sys
-import threading
-import time
 from pathlib import Path
 
 import torch
-import uvicorn
 from transformers import AutoModelForCausalLM
 
 from services.common.protocol import ScoreSequence
@@ -20,6 +17,7 @@ from services.config.servers import TeacherServerConfig
 from services.launch.processes import ManagedProcess
 from teacher_server.app import create_app
 from teacher_server.teacher_engine import TeacherEngine
+from tests.server_support import ThreadedServer as AppServer
 
 RLAD = str(Path(sys.executable).parent / "rlad")
 
@@ -65,36 +63,13 @@ class Reference:
         )
 
 
-class ThreadedServer:
+class ThreadedServer(AppServer):
     """`create_app(config, engine)` under uvicorn in a daemon thread, on a free port."""
 
     def __init__(
         self, config: TeacherServerConfig, engine: TeacherEngine, port: int | None = None
     ) -> None:
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(
-            uvicorn.Config(
-                create_app(config, engine), host="127.0.0.1", port=self.port, log_level="warning"
-            )
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> ThreadedServer:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError(f"in-process teacher server on {self.url} did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()
+        super().__init__(create_app(config, engine), config.header_timeout_s, port)
 
 
 def start_teacher(

@@ -88,48 +88,58 @@ def pack(samples: list[Sample], token_budget: int) -> list[list[Sample]]:
     return batches
 
 
-def collate(samples: list[Sample], pad_id: int) -> MicroBatch:
-    rows, length = len(samples), max(s.num_tokens for s in samples)
-    input_ids = torch.full((rows, length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((rows, length), dtype=torch.long)
-    loss_mask = torch.zeros((rows, length - 1))
-    rollout = torch.zeros((rows, length - 1))
+def _on_grid(sample: Sample, values: list[float], width: int) -> list[float]:
+    """One row of a per-token tensor: `values` of the completion tokens at their shifted
+    positions, zeros elsewhere."""
+    first = sample.prompt_len - 1
+    return [0.0] * first + list(values) + [0.0] * (width - first - len(values))
+
+
+def collate(samples: list[Sample], pad_id: int, device: torch.device) -> MicroBatch:
+    """Pad `samples` into one micro-batch on `device` (the engine's: one copy per tensor)."""
+    length = max(s.num_tokens for s in samples)
+    width = length - 1
     with_teacher = all(s.teacher_logprobs is not None for s in samples)
-    teacher = torch.zeros((rows, length - 1)) if with_teacher else None
-    for i, sample in enumerate(samples):
-        n, first, count = sample.num_tokens, sample.prompt_len - 1, sample.completion_len
-        input_ids[i, :n] = torch.tensor(sample.input_ids)
-        attention_mask[i, :n] = 1
-        loss_mask[i, first : first + count] = 1.0
-        rollout[i, first : first + count] = torch.tensor(sample.rollout_logprobs)
-        if teacher is not None:
-            teacher[i, first : first + count] = torch.tensor(sample.teacher_logprobs)
-    correct = (
-        torch.tensor([bool(s.correct) for s in samples])
-        if all(s.correct is not None for s in samples)
-        else None
-    )
+    with_verdicts = all(s.correct is not None for s in samples)
     return MicroBatch(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        loss_mask=loss_mask,
-        rollout_logprobs=rollout,
-        teacher_logprobs=teacher,
-        advantages=torch.tensor([s.advantage for s in samples]),
-        correct=correct,
+        input_ids=torch.tensor(
+            [s.input_ids + [pad_id] * (length - s.num_tokens) for s in samples],
+            dtype=torch.long,
+            device=device,
+        ),
+        attention_mask=torch.tensor(
+            [[1] * s.num_tokens + [0] * (length - s.num_tokens) for s in samples],
+            dtype=torch.long,
+            device=device,
+        ),
+        loss_mask=torch.tensor(
+            [_on_grid(s, [1.0] * s.completion_len, width) for s in samples], device=device
+        ),
+        rollout_logprobs=torch.tensor(
+            [_on_grid(s, s.rollout_logprobs, width) for s in samples], device=device
+        ),
+        teacher_logprobs=torch.tensor(
+            [_on_grid(s, s.teacher_logprobs or [], width) for s in samples], device=device
+        )
+        if with_teacher
+        else None,
+        advantages=torch.tensor([s.advantage for s in samples], device=device),
+        correct=torch.tensor([bool(s.correct) for s in samples], device=device)
+        if with_verdicts
+        else None,
     )
 
 
-def empty_batch(pad_id: int, with_teacher: bool) -> MicroBatch:
+def empty_batch(pad_id: int, with_teacher: bool, device: torch.device) -> MicroBatch:
     """A micro-batch with no loss tokens: ranks with fewer micro-batches run these so that
     every rank enters the same number of collective forward/backward passes."""
-    zeros = torch.zeros((1, 1))
+    zeros = torch.zeros((1, 1), device=device)
     return MicroBatch(
-        input_ids=torch.full((1, 2), pad_id, dtype=torch.long),
-        attention_mask=torch.ones((1, 2), dtype=torch.long),
+        input_ids=torch.full((1, 2), pad_id, dtype=torch.long, device=device),
+        attention_mask=torch.ones((1, 2), dtype=torch.long, device=device),
         loss_mask=zeros,
         rollout_logprobs=zeros,
         teacher_logprobs=zeros if with_teacher else None,
-        advantages=torch.zeros(1),
+        advantages=torch.zeros(1, device=device),
         correct=None,
     )

@@ -23,7 +23,9 @@ class Progress(BaseModel):
     step: int = 0
     policy_version: int = 0
     consumed: list[str] = Field(
-        default_factory=list, description="Queue ids trained since the previous checkpoint."
+        default_factory=list,
+        description="Queue ids trained since the previous checkpoint: this rank's while it "
+        "trains, every rank's in a saved checkpoint.",
     )
     tag: str = ""
 

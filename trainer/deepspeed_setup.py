@@ -1,23 +1,40 @@
-"""DeepSpeed set-up: process group (gloo on CPU, NCCL on GPU), the engine for the student,
-and full-weight gathering for pushes and exports at any ZeRO stage.
+"""DeepSpeed set-up: process group and device (NCCL on GPUs, gloo on the CPU), the engine
+for the student, and full-weight gathering for pushes and exports at any ZeRO stage.
 
 A single process started without a launcher gets the environment a launcher would give it
 (rank 0 of 1, loopback rendezvous), so `rlad train` runs alone or under `deepspeed`/`torchrun`.
+DeepSpeed's accelerator (`DS_ACCELERATOR`, or what it detects) decides the device: every
+tensor the trainer makes goes to `engine.device`, which is also where NCCL wants the
+tensors of a collective.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from services.common.runtime import free_port
 from services.config.trainer import TrainerConfig
+from trainer.weight_buckets import iter_buckets, plan
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+# Gathering for a full state dict (HTTP/file pushes, exports) goes one bucket at a time too.
+STATE_BUCKET_BYTES = 256 * 1024 * 1024
+
+
+def on_gpu() -> bool:
+    """Whether DeepSpeed's accelerator is CUDA (it follows `DS_ACCELERATOR` when set)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return bool(get_accelerator().device_name() == "cuda")
 
 
 def init_distributed() -> tuple[int, int]:
-    """Returns (rank, world_size)."""
+    """Returns (rank, world_size); on a GPU, binds this process to GPU `LOCAL_RANK`."""
     if "WORLD_SIZE" not in os.environ:
         os.environ.update(
             MASTER_ADDR="127.0.0.1",
@@ -28,9 +45,19 @@ def init_distributed() -> tuple[int, int]:
         )
     import deepspeed
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
+    if on_gpu():
+        # Before the process group exists: NCCL ties each rank's communicator to the
+        # current device, and every rank would otherwise pick GPU 0.
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo")
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def training_dtype(config: TrainerConfig) -> Literal["fp32", "bf16"]:
+    """`trainer.dtype`, with `auto` resolved: bf16 on a GPU, fp32 on the CPU."""
+    if config.dtype == "auto":
+        return "bf16" if on_gpu() else "fp32"
+    return config.dtype
 
 
 def ds_config(config: TrainerConfig, world_size: int) -> dict[str, Any]:
@@ -41,15 +68,19 @@ def ds_config(config: TrainerConfig, world_size: int) -> dict[str, Any]:
         "gradient_accumulation_steps": 1,
         "gradient_clipping": config.grad_clip,
         "zero_optimization": {"stage": config.zero_stage},
-        "bf16": {"enabled": config.dtype == "bf16"},
+        "bf16": {"enabled": training_dtype(config) == "bf16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
 
 
-def create_engine(model: torch.nn.Module, config: TrainerConfig, world_size: int) -> Any:
+def create_engine(model: PreTrainedModel, config: TrainerConfig, world_size: int) -> Any:
     import deepspeed
 
+    if config.gradient_checkpointing:
+        # Non-reentrant: works with ZeRO-3's parameter hooks and inputs without gradients.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     # A torch optimizer: DeepSpeed's CPU Adam would compile for minutes on first use.
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99)
@@ -68,14 +99,17 @@ def create_engine(model: torch.nn.Module, config: TrainerConfig, world_size: int
 
 
 def full_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Every parameter in full, on CPU, in fp32 (collective at ZeRO-3: call on all ranks)."""
+    """Every parameter and buffer in full, on the CPU, in fp32; at ZeRO-3 gathered one
+    bucket at a time (a collective: call on all ranks)."""
     module = engine.module
-    if zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    for bucket in iter_buckets(plan(module, STATE_BUCKET_BYTES), zero_stage):
+        for entry in bucket:
+            value = entry.value().float().cpu().clone()
+            state.update(dict.fromkeys(entry.names, value))  # tied names share one copy
+    for name, buffer in module.state_dict().items():
+        state.setdefault(name, buffer.detach().float().cpu().clone())
+    return state
 
 
 def local_grad_norm(engine: Any) -> float | None:

@@ -15,10 +15,11 @@ def batch_metrics(groups: list[RolloutGroup], version: int, stats: Any) -> dict[
     completions = [c for g in groups for c in g.completions]
     if not completions:
         return {"groups": 0.0}
-    rewards = torch.tensor([c.reward for c in completions])
-    lengths = torch.tensor([float(len(c.token_ids)) for c in completions])
+    # Host-side statistics: read back with .item(), they never meet the model.
+    rewards = torch.tensor([c.reward for c in completions], device="cpu")
+    lengths = torch.tensor([float(len(c.token_ids)) for c in completions], device="cpu")
     verdicts = [c.correct for c in completions if c.correct is not None]
-    staleness = torch.tensor([float(version - g.policy_version) for g in groups])
+    staleness = torch.tensor([float(version - g.policy_version) for g in groups], device="cpu")
     metrics = {
         "groups": float(len(groups)),
         "reward_mean": rewards.mean().item(),
@@ -43,16 +44,23 @@ class WeightedMeans:
 
     def add(self, metrics: dict[str, float], weight: float) -> None:
         if weight <= 0:
+            # A padding micro-batch adds nothing, but its keys count: every rank must reduce
+            # the same keys (the loss returns a fixed set of them).
+            for key in metrics:
+                self.sums.setdefault(key, 0.0)
             return
         for key, value in metrics.items():
             self.sums[key] = self.sums.get(key, 0.0) + float(value) * weight
         self.weight += weight
 
-    def result(self, world_size: int) -> dict[str, float]:
+    def result(self, world_size: int, device: torch.device) -> dict[str, float]:
+        """Means over every rank's micro-batches (collective); `device`: the process
+        group's (NCCL reduces GPU tensors only)."""
         keys = sorted(self.sums)
-        values = torch.tensor([self.sums[k] for k in keys] + [self.weight], dtype=torch.float64)
+        values = torch.tensor(
+            [self.sums[k] for k in keys] + [self.weight], dtype=torch.float64, device=device
+        )
         if world_size > 1:
-            # Every rank must contribute the same keys: the loss returns a fixed metric set.
             dist.all_reduce(values)
         total = values[-1].item()
         if total <= 0:

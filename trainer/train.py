@@ -4,7 +4,10 @@ new weights pushed to every rollout server → checkpoint → acknowledgement.
 One optimizer step per global batch of B groups × G completions. Each rank consumes its
 share of groups as its own consumer (`trainer-<rank>`), drops groups more than
 `max_staleness` versions old (counted), and holds the rest pending until the checkpoint
-that contains their update is on disk (see `trainer.checkpoint`).
+that contains their update is on disk (see `trainer.checkpoint`). Every tensor the trainer
+makes goes to the engine's device (a GPU under NCCL, else the CPU under gloo); the loss is
+computed in fp32 whatever the training dtype. Rank 0 decides what every rank must agree
+on (the policy version) and alone writes the shared state (the trainer state in Redis).
 
 Run: `rlad train --config configs/tiny-cpu.yaml --rollout-url http://127.0.0.1:8001`
 (several ranks: `torchrun --nproc_per_node 2 -m services.cli.main train --config ...`).
@@ -12,7 +15,6 @@ Run: `rlad train --config configs/tiny-cpu.yaml --rollout-url http://127.0.0.1:8
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -22,7 +24,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from services.clients.rollout import RolloutClient
 from services.common.logprobs import sequence_logprobs
 from services.common.protocol import RolloutGroup
 from services.config.algorithm import KdrlConfig
@@ -39,12 +40,16 @@ from trainer.deepspeed_setup import (
     full_state_dict,
     init_distributed,
     local_grad_norm,
+    training_dtype,
 )
 from trainer.loss import LossInputs, policy_loss
 from trainer.metrics_sink import MetricsSink
 from trainer.step_metrics import WeightedMeans, batch_metrics
+from trainer.weight_sync import PushReport, WeightSync
 
 log = logging.getLogger(__name__)
+# bf16 kernels of two engines (or of two GPUs) differ by more than fp32 ones.
+PROBE_ATOL = {"fp32": 1e-3, "bf16": 5e-2}
 
 
 class Trainer:
@@ -70,20 +75,25 @@ class Trainer:
         self.consumer = f"trainer-{self.rank}"
         torch.manual_seed(self.config.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(run.student)
+        # fp32 master weights; DeepSpeed casts the module to bf16 when training in bf16.
         model = AutoModelForCausalLM.from_pretrained(run.student, dtype=torch.float32)
+        self.engine = create_engine(model, self.config, self.world)
+        self.device: torch.device = self.engine.device
+        dtype = training_dtype(self.config)
         self.ref_model = None
         if self.algorithm.kl_beta > 0:  # β = 0 (default): no reference model is loaded
-            self.ref_model = AutoModelForCausalLM.from_pretrained(run.student).eval()
-        self.engine = create_engine(model, self.config, self.world)
+            ref_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+            self.ref_model = (
+                AutoModelForCausalLM.from_pretrained(run.student, dtype=ref_dtype)
+                .to(self.device)
+                .eval()
+            )
+        self.probe_ids = self.tokenizer.encode("Probe: who is a knight?", add_special_tokens=False)
+        self.probe_atol = self.config.probe_atol or PROBE_ATOL[dtype]
         self.folder = run.folder
         self.ckpt_dir = self.folder / "checkpoints"
         self.sink = MetricsSink(self.folder, self.config.tensorboard, self.config.wandb_project)
-        self.rollout = (
-            RolloutClient(rollout_urls, api_key=api_key, deadline_s=self.config.push_timeout_s)
-            if rollout_urls
-            else None
-        )
-        self.loop = asyncio.new_event_loop()
+        self.sync = WeightSync(self.engine, run, rollout_urls, api_key, self.is_main)
         self.progress = checkpoint.Progress()
         self.retrain: list[Delivery] = []
 
@@ -109,9 +119,10 @@ class Trainer:
             len(done),
             len(self.retrain),
         )
-        # The servers may already serve a newer version pushed after that checkpoint.
-        if self.rollout is not None:
-            served = self.loop.run_until_complete(self.rollout.info()).policy_version or 0
+        # The servers may already serve a newer version pushed after that checkpoint; rank 0
+        # asks, and the push below gives every rank its answer.
+        if self.sync.enabled and self.is_main:
+            served = self.sync.served_version()
             self.progress.policy_version = max(self.progress.policy_version, served)
         self.push_weights()
 
@@ -142,22 +153,22 @@ class Trainer:
     def micro_batches(
         self, groups: list[RolloutGroup]
     ) -> tuple[list[MicroBatch], dict[str, float]]:
-        rewards = torch.tensor([[c.reward for c in g.completions] for g in groups])
+        # Advantages are host-side bookkeeping: they reach the device inside `collate`.
+        rewards = torch.tensor([[c.reward for c in g.completions] for g in groups], device="cpu")
         advantages, stats = group_advantages(rewards, self.algorithm)
         kept = [g for g, keep in zip(groups, stats.keep.tolist(), strict=True) if keep]
         samples = flatten(kept, advantages[stats.keep])
+        pad_id = self.tokenizer.pad_token_id
         batches = [
-            collate(chunk, self.tokenizer.pad_token_id)
+            collate(chunk, pad_id, self.device)
             for chunk in pack(samples, self.config.micro_batch_tokens)
         ]
         # Every rank must run the same number of forward/backward passes (ZeRO collectives).
-        count = torch.tensor([len(batches)])
+        count = torch.tensor([len(batches)], device=self.device)
         if self.world > 1:
             dist.all_reduce(count, op=dist.ReduceOp.MAX)
         with_teacher = self.algorithm.uses_teacher
-        batches += [empty_batch(self.tokenizer.pad_token_id, with_teacher)] * (
-            int(count) - len(batches)
-        )
+        batches += [empty_batch(pad_id, with_teacher, self.device)] * (int(count) - len(batches))
         return batches, batch_metrics(groups, self.progress.policy_version, stats)
 
     # ------------------------------------------------------------ one step
@@ -169,7 +180,8 @@ class Trainer:
             [
                 float(sum(b.num_tokens for b in batches)),
                 float(sum(int(b.loss_mask.any(1).sum()) for b in batches)),
-            ]
+            ],
+            device=self.device,
         )
         if self.world > 1:
             dist.all_reduce(totals)
@@ -203,7 +215,7 @@ class Trainer:
             means.add(loss_metrics, weight=batch.num_tokens)
         norm_before_step = local_grad_norm(self.engine)
         self.engine.step()
-        metrics = means.result(self.world)
+        metrics = means.result(self.world, self.device)
         reported = self.engine.get_global_grad_norm()
         metrics["grad_norm"] = float(reported if reported is not None else norm_before_step or 0)
         return metrics
@@ -213,8 +225,14 @@ class Trainer:
         or a term that does not depend on advantages (KDRL's KD, the KL penalty)."""
         if isinstance(self.algorithm, KdrlConfig) or self.algorithm.kl_beta > 0:
             return True
-        local = any(bool((b.advantages != 0).any()) and b.num_tokens > 0 for b in batches)
-        flag = torch.tensor([float(local)])
+        return self.any_rank(
+            any(bool((b.advantages != 0).any()) and b.num_tokens > 0 for b in batches)
+        )
+
+    def any_rank(self, local: bool) -> bool:
+        """Whether `local` holds on any rank: decisions that lead into a collective must be
+        the same on every rank."""
+        flag = torch.tensor([float(local)], device=self.device)
         if self.world > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -254,45 +272,65 @@ class Trainer:
 
     # ------------------------------------------------------------ weights and state
 
-    def push_weights(self) -> None:
-        state = full_state_dict(self.engine, self.config.zero_stage)
-        if not self.is_main or self.rollout is None:
-            return
-        probe_ids = self.tokenizer.encode("Probe: who is a knight?", add_special_tokens=False)
-        probe = make_probe(self.engine.module, probe_ids)
-        self.progress.policy_version += 1
-        self.loop.run_until_complete(
-            self.rollout.push_weights(
-                state,
-                self.progress.policy_version,
-                probe=probe,
-                transport=self.config.push_transport,
-                shared_dir=self.folder / "weights",
-            )
-        )
+    def from_main(self, value: int) -> int:
+        """Rank 0's `value`, on every rank."""
+        if self.world == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.long, device=self.device)
+        dist.broadcast(tensor, src=0)
+        return int(tensor.item())
+
+    def push_weights(self) -> PushReport | None:
+        """Collective: every rank moves to rank 0's next version and takes part in the push.
+        Rank 0 sends the probe; at ZeRO-3 its forward pass gathers the parameters from all
+        ranks, so every rank runs it."""
+        if not self.sync.enabled:
+            return None
+        version = self.from_main(self.progress.policy_version + 1)
+        probe = None
+        if self.is_main or self.config.zero_stage == 3:
+            probe = make_probe(self.engine.module, self.probe_ids, atol=self.probe_atol)
+        report = self.sync.push(version, probe)
+        self.progress.policy_version = version
+        return report
 
     def audit(self, groups: list[RolloutGroup]) -> None:
         """Append which groups this step trained on (per rank), to audit exactly-once."""
         line = {
             "step": self.progress.step,
             "rank": self.rank,
+            "policy_version": self.progress.policy_version,
             "groups": [g.group_id for g in groups],
         }
         with (self.folder / "trained_groups.jsonl").open("a") as f:
             f.write(json.dumps(line) + "\n")
 
     def publish_state(self) -> None:
-        self.queue.publish_trainer_state(self.progress.step, self.progress.policy_version)
+        if self.is_main:  # one writer: every rank holds the same step and version
+            self.queue.publish_trainer_state(self.progress.step, self.progress.policy_version)
 
     def save_checkpoint(self) -> None:
+        """Collective. The checkpoint lists the groups of every rank, so that each rank,
+        resuming, acknowledges its own pending groups that it contains."""
+        everyone = self.progress.consumed
+        if self.world > 1:
+            gathered: list[list[str] | None] = [None] * self.world
+            dist.all_gather_object(gathered, self.progress.consumed)
+            everyone = [message for ids in gathered for message in ids or []]
+        saved = self.progress.model_copy(update={"consumed": everyone})
         checkpoint.save(
-            self.engine, self.ckpt_dir, self.progress, self.config.keep_checkpoints, self.is_main
+            self.engine, self.ckpt_dir, saved, self.config.keep_checkpoints, self.is_main
         )
+        if self.world > 1:
+            # No rank acknowledges before rank 0 has made the checkpoint the newest one.
+            dist.barrier()
         self.queue.ack(SCORED, self.progress.consumed, counter="trained")
         self.progress.consumed = []
 
     def export(self, folder: Path) -> None:
-        state = full_state_dict(self.engine, self.config.zero_stage)
+        """The student in Hugging Face format (rank 0; at ZeRO-3 every rank gathers)."""
+        if self.config.zero_stage == 3 or self.is_main:
+            state = full_state_dict(self.engine, self.config.zero_stage)
         if self.is_main:
             self.engine.module.save_pretrained(folder, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(folder)
@@ -302,22 +340,25 @@ class Trainer:
     def train(self) -> None:
         share = max(1, self.config.batch_prompts // self.world)
         self.publish_state()
-        while self.progress.step < self.config.steps and not self.should_stop():
+        while self.progress.step < self.config.steps:
             deliveries = self.collect(share)
-            if self.should_stop():
+            if self.any_rank(self.should_stop()):  # every rank stops at the same step
                 break
             groups = [d.group for d in deliveries if d.group is not None]
             metrics = self.train_step(groups)
             self.progress.consumed += [d.message_id for d in deliveries]
             self.audit(groups)
-            self.push_weights()
+            pushed = self.push_weights()
+            if pushed is not None:
+                metrics.update(pushed.metrics())
+            metrics["policy_version"] = float(self.progress.policy_version)
             self.publish_state()
             if self.is_main:
                 self.sink.log(self.progress.step, metrics)
             if self.progress.step % self.config.checkpoint_every == 0:
                 self.save_checkpoint()
-        if self.progress.consumed:
+        if self.any_rank(bool(self.progress.consumed)):
             self.save_checkpoint()
         self.export(self.folder / "final")
         self.sink.close()
-        self.loop.close()
+        self.sync.close()

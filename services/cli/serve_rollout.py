@@ -33,13 +33,12 @@ def command(
     settings: dict[str, Any],
 ) -> None:
     """Serve `POST /v1/generate` and the weight-update endpoints for one student model."""
-    import uvicorn
-
     from rollout_server.app import create_app
+    from services.common.http_transport import serve
     from services.common.runtime import configure_logging
 
     block = load_run(config).rollout_server if config is not None else None
     server = build_model(RolloutServerConfig, settings, block)
     configure_logging("rollout")
     logging.getLogger(__name__).info("config: %s", server.model_dump_json())
-    uvicorn.run(create_app(server), host=server.host, port=server.port, log_level=server.log_level)
+    serve(create_app(server), server)

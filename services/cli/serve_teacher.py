@@ -33,8 +33,7 @@ def command(
     settings: dict[str, Any],
 ) -> None:
     """Serve the teacher's token logprobs for one model."""
-    import uvicorn
-
+    from services.common.http_transport import serve
     from services.common.runtime import configure_logging
     from teacher_server.app import create_app
 
@@ -46,4 +45,4 @@ def command(
     server = build_model(TeacherServerConfig, settings, block)
     configure_logging("teacher")
     logging.getLogger(__name__).info("config: %s", server.model_dump_json())
-    uvicorn.run(create_app(server), host=server.host, port=server.port, log_level=server.log_level)
+    serve(create_app(server), server)

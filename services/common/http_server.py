@@ -1,26 +1,32 @@
 """What every RLAD HTTP server shares: one error shape, JSON/msgpack bodies with a size
-limit, optional bearer auth, and the `/health` + `/metrics` routes.
+and time limit, optional bearer auth, and the `/health` + `/metrics` routes.
 
 Servers build their app with `create_base_app(...)`, add their routes, read bodies with
-`read_body(request, Schema, limits)` and answer with `respond(request, model)`. Engines
-raise `ApiError` (or plain `ValueError` for bad input) and never know about HTTP.
+`read_body(request, Schema, limits)`, answer with `respond(request, model)` and describe
+the bodies they read themselves with `document_bodies`. Engines raise `ApiError` (or
+plain `ValueError` for bad input) and never know about HTTP. How the app is served
+(header timeout, the open-access warning) is `services.common.http_transport`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import os
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from services.common import wire
 from services.common.protocol import ErrorBody, ErrorResponse
@@ -29,6 +35,21 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 
 API_KEY_ENV = "RLAD_API_KEY"
+# No client hears this answer (nginx's "client closed request"); it keeps metrics honest.
+CLIENT_CLOSED = 499
+# Frames of an unhandled error's traceback that are logged: enough to find the fault,
+# short enough that writing it never holds up the event loop.
+TRACEBACK_FRAMES = 12
+
+
+class BodyLimits(Protocol):
+    """What `read_body` needs of a server's settings (`ServerConfig` has both)."""
+
+    @property
+    def max_body_bytes(self) -> int: ...
+
+    @property
+    def body_timeout_s(self) -> float: ...
 
 
 class ApiError(Exception):
@@ -69,6 +90,24 @@ def _validation_detail(exc: ValidationError | RequestValidationError) -> list[di
     ]
 
 
+def short_traceback(exc: BaseException) -> str:
+    """The last frames of `exc`'s traceback as plain text, for logging on the event loop.
+
+    Log it as a string, not with exc_info: a rich log handler renders every frame of a
+    traceback with syntax highlighting, which held the event loop for seconds per error.
+    """
+    return "".join(traceback.format_exception(exc, limit=-TRACEBACK_FRAMES))
+
+
+def error_type(exc: BaseException) -> str:
+    """The `type` the error handlers answer `exc` with (metrics count outcomes by it)."""
+    if isinstance(exc, ApiError):
+        return exc.type
+    if isinstance(exc, ValidationError | RequestValidationError | ValueError):
+        return "invalid_request"
+    return "internal_error"
+
+
 def _summarise(detail: list[dict[str, Any]]) -> str:
     first = detail[0]
     where = ".".join(str(p) for p in first["loc"]) or "body"
@@ -103,13 +142,17 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(422, "invalid_request", str(exc))
 
     @app.exception_handler(Exception)
-    async def _internal(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.error(
+            "unhandled error in %s %s\n%s", request.method, request.url.path, short_traceback(exc)
+        )
         return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
 
 
-async def read_bytes(request: Request, max_bytes: int) -> bytes:
-    """The request body, refusing (413) anything over `max_bytes` without buffering it all."""
+async def read_bytes(request: Request, limits: BodyLimits) -> bytes:
+    """The request body, refusing anything over `max_body_bytes` (413, without buffering it
+    all) or slower than `body_timeout_s` (408); 499 when the client hangs up mid-body."""
+    max_bytes = limits.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise ApiError(
@@ -117,20 +160,37 @@ async def read_bytes(request: Request, max_bytes: int) -> bytes:
         )
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise ApiError(
-                413, "too_large", f"body exceeds the limit of {max_bytes} bytes; split the batch"
-            )
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(limits.body_timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise ApiError(
+                        413,
+                        "too_large",
+                        f"body exceeds the limit of {max_bytes} bytes; split the batch",
+                    )
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(
+            408,
+            "body_timeout",
+            f"the body did not arrive within {limits.body_timeout_s:g}s ({size} bytes came)",
+            headers={"connection": "close"},  # the rest of the body must not be parsed as a request
+        ) from None
+    except ClientDisconnect:
+        raise ApiError(
+            CLIENT_CLOSED, "client_disconnected", "the client hung up before sending its body"
+        ) from None
     return b"".join(chunks)
 
 
-async def read_body(request: Request, cls: type[M], max_bytes: int) -> M:
-    """Parse a JSON or msgpack body (by Content-Type) into `cls`; 400/413/422 on bad input."""
-    data = await read_bytes(request, max_bytes)
-    content_type = request.headers.get("content-type", wire.JSON).split(";")[0].strip()
+async def read_body(request: Request, cls: type[M], limits: BodyLimits) -> M:
+    """Parse a JSON or msgpack body (by Content-Type) into `cls`; 400/408/413/415/422 on bad
+    input."""
+    data = await read_bytes(request, limits)
+    # Media types are case-insensitive (RFC 9110 8.3.1).
+    content_type = request.headers.get("content-type", wire.JSON).split(";")[0].strip().lower()
     if content_type == wire.MSGPACK:
         try:
             raw = wire.decode_raw(data)
@@ -149,6 +209,39 @@ async def read_body(request: Request, cls: type[M], max_bytes: int) -> M:
                 400, "malformed_body", f"body is not valid JSON: {exc.errors()[0]['msg']}"
             ) from exc
         raise
+
+
+def error_docs(descriptions: Mapping[int, str]) -> dict[int | str, dict[str, Any]]:
+    """A route's `responses=`: each status (-> when it is answered) in the one error shape."""
+    return {
+        status: {"model": ErrorResponse, "description": when}
+        for status, when in descriptions.items()
+    }
+
+
+def document_bodies(app: FastAPI, bodies: Mapping[str, type[BaseModel]]) -> None:
+    """Routes read their body themselves (JSON or msgpack): put each POST route's body
+    schema (`bodies`: path -> model) into the app's OpenAPI description."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            components = doc.setdefault("components", {}).setdefault("schemas", {})
+            for path, schema in bodies.items():
+                body = schema.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[schema.__name__] = body
+                ref = {"$ref": f"#/components/schemas/{schema.__name__}"}
+                doc["paths"][path]["post"]["requestBody"] = {
+                    "required": True,
+                    "content": {wire.JSON: {"schema": ref}, wire.MSGPACK: {"schema": ref}},
+                }
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def respond(request: Request, model: BaseModel) -> Response:

@@ -2,7 +2,9 @@
 
 Token ids are the truth everywhere; text is only for humans. Every request and response
 crosses the wire as JSON or as the compact msgpack body of `services.common.wire`, and is
-validated by these models on both ends — nothing builds or reads a raw dict.
+validated by these models on both ends — nothing builds or reads a raw dict. Requests are
+validated strictly (`RequestModel`): `true`, `"5"` and `5.0` are not token ids, and
+NaN/infinity are no numbers.
 """
 
 from __future__ import annotations
@@ -13,11 +15,24 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 FinishReason = Literal["stop", "length", "abort"]
 
+# Versions and seeds must fit 64 bits: msgpack (queue messages) and torch generators
+# hold no more.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Below this, logits divided by the temperature overflow; vLLM raises it to this too.
+MIN_TEMPERATURE = 0.01
+
 
 class WireModel(BaseModel):
     """Base of every schema: unknown fields are rejected so typos fail loudly."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class RequestModel(WireModel):
+    """Base of what a server reads from a client: no coercion (a bool, a numeric string or
+    a float is not an int) and no NaN or infinity, so what is validated is what was sent."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------- errors and info
@@ -53,7 +68,7 @@ class ServerInfo(WireModel):
 # ---------------------------------------------------------------- teacher scoring
 
 
-class ScoreSequence(WireModel):
+class ScoreSequence(RequestModel):
     token_ids: list[int] = Field(
         min_length=2, description="Full sequence (prompt + completion) as token ids."
     )
@@ -76,7 +91,7 @@ class ScoreSequence(WireModel):
         return self
 
 
-class ScoreRequest(WireModel):
+class ScoreRequest(RequestModel):
     sequences: list[ScoreSequence] = Field(min_length=1, description="Sequences to score.")
     top_k: int = Field(default=0, ge=0, le=64, description="Also return the k most likely ids.")
 
@@ -100,17 +115,65 @@ class ScoreResponse(WireModel):
 # ---------------------------------------------------------------- rollout generation
 
 
-class SamplingParams(WireModel):
+class SamplingParams(RequestModel):
     n: int = Field(default=1, ge=1, le=256, description="Completions per prompt (G).")
-    temperature: float = Field(default=1.0, ge=0.0, le=10.0)
+    temperature: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=10.0,
+        description=f"0 samples greedily; otherwise at least {MIN_TEMPERATURE}.",
+        json_schema_extra={"not": {"exclusiveMinimum": 0.0, "exclusiveMaximum": MIN_TEMPERATURE}},
+    )
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=-1, ge=-1, description="-1 disables top-k filtering.")
+    top_k: int = Field(
+        default=-1, ge=-1, description="-1 disables top-k filtering; at most the vocab size."
+    )
     max_tokens: int = Field(default=256, ge=1)
     stop_token_ids: list[int] = Field(default_factory=list)
-    seed: int | None = Field(default=None, description="Same seed and weights: same samples.")
+    seed: int | None = Field(
+        default=None,
+        ge=INT64_MIN,
+        le=INT64_MAX,
+        description="Same seed and weights: same samples.",
+    )
+
+    @model_validator(mode="after")
+    def _temperature_usable(self) -> SamplingParams:
+        if 0.0 < self.temperature < MIN_TEMPERATURE:
+            raise ValueError(
+                f"temperature {self.temperature:g} is below {MIN_TEMPERATURE}: the logits would "
+                "overflow; send 0 for greedy sampling"
+            )
+        return self
 
 
-class GenerateRequest(WireModel):
+class GenerateRequest(RequestModel):
+    # What `_one_prompt_form` enforces, stated in the JSON schema too (clients, fuzzing).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {
+                    "required": ["prompts"],
+                    "properties": {
+                        "prompts": {
+                            "type": "array",
+                            "minItems": 1,
+                            "items": {"minItems": 1, "items": {"minimum": 0}},
+                        },
+                        "prompt_texts": {"type": "null"},
+                    },
+                },
+                {
+                    "required": ["prompt_texts"],
+                    "properties": {
+                        "prompt_texts": {"type": "array", "minItems": 1},
+                        "prompts": {"type": "null"},
+                    },
+                },
+            ]
+        }
+    )
+
     prompts: list[list[int]] | None = Field(default=None, description="Prompts as token ids.")
     prompt_texts: list[str] | None = Field(default=None, description="Prompts as text.")
     sampling: SamplingParams = Field(default_factory=SamplingParams)
@@ -149,7 +212,7 @@ class GenerateResponse(WireModel):
 # ---------------------------------------------------------------- weight updates
 
 
-class WeightProbe(WireModel):
+class WeightProbe(RequestModel):
     """A fixed sequence and the logprobs the sender computed for it with the new weights."""
 
     token_ids: list[int] = Field(min_length=2)
@@ -163,18 +226,23 @@ class WeightProbe(WireModel):
         return self
 
 
-class WeightUpdateRequest(WireModel):
+class WeightUpdateRequest(RequestModel):
     """Load weights from a safetensors file or folder on a volume both sides can read."""
 
-    version: int = Field(ge=0, description="Must be greater than the serving version.")
-    path: str | None = Field(default=None, description="Shared-volume transport: file or folder.")
+    version: int = Field(
+        ge=0, le=INT64_MAX, description="Must be greater than the serving version."
+    )
+    path: str | None = Field(
+        default=None,
+        description="Shared-volume transport: a file or folder inside the server's weights_dir.",
+    )
     sha256: dict[str, str] | None = Field(
         default=None, description="Per-file sha256 the server checks before loading."
     )
     probe: WeightProbe | None = None
 
 
-class NcclInitRequest(WireModel):
+class NcclInitRequest(RequestModel):
     """GPU rollout servers: join the trainer's NCCL group (vLLM's weight-transfer engine)."""
 
     init_info: dict[str, Any] = Field(
@@ -183,24 +251,26 @@ class NcclInitRequest(WireModel):
     )
 
 
-class NcclStartRequest(WireModel):
-    version: int = Field(ge=0, description="Must be greater than the serving version.")
+class NcclStartRequest(RequestModel):
+    version: int = Field(
+        ge=0, le=INT64_MAX, description="Must be greater than the serving version."
+    )
 
 
-class NcclUpdateRequest(WireModel):
+class NcclUpdateRequest(RequestModel):
     update_info: dict[str, Any] = Field(
         description="vLLM `NCCLWeightTransferUpdateInfo`: names, dtype_names, shapes."
     )
 
 
-class NcclFinishRequest(WireModel):
+class NcclFinishRequest(RequestModel):
     probe: WeightProbe | None = None
 
 
 class WeightUpdateResponse(WireModel):
     policy_version: int
     revision: str
-    transport: Literal["file", "http", "nccl"]
+    transport: Literal["file", "http", "nccl", "cuda_ipc"]
     bytes: int
     duration_s: float
     probe_max_abs_diff: float | None = None

@@ -78,6 +78,14 @@ class RunConfig(StrictModel):
         return data
 
     @model_validator(mode="after")
+    def _rollout_server_reads_the_trainer_files(self) -> RunConfig:
+        """The trainer's file push writes under <run folder>/weights: by default, that is
+        the one folder the run's rollout server reads file updates from."""
+        if self.rollout_server.weights_dir is None:
+            self.rollout_server.weights_dir = self.folder / "weights"
+        return self
+
+    @model_validator(mode="after")
     def _teacher_when_needed(self) -> RunConfig:
         if self.algorithm.uses_teacher and self.scorer.mode == "passthrough":
             raise ValueError(

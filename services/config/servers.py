@@ -19,6 +19,8 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.protocol import INT64_MAX
+
 # Hosts only local processes can reach: a server bound to one needs no key for weights.
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
@@ -54,6 +56,18 @@ class ServerConfig(BaseSettings):
     )
     max_body_bytes: int = Field(
         default=32 * 1024 * 1024, ge=1024, description="Largest request body accepted (413)."
+    )
+    body_timeout_s: float = Field(
+        default=60.0,
+        gt=0.0,
+        description="A request body (other than a weight upload) must arrive within this long "
+        "(408 past it).",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0.0,
+        description="A request's headers must be complete this long after its first byte (or "
+        "after the connection opened); past it the connection is closed.",
     )
     gpu_memory_utilization: float = Field(
         default=0.9,
@@ -105,8 +119,18 @@ class RolloutServerConfig(ServerConfig):
     max_sequences_per_request: int = Field(
         default=4096, ge=1, description="Most prompts x n one request may ask for (413 past it)."
     )
+    max_queue_tokens: int = Field(
+        default=1024 * 1024,
+        ge=1,
+        description="Admission bound: tokens of work admitted (waiting or generating), a "
+        "request counting its prompt tokens plus n x its completion budget. Past it requests "
+        "get 429 with Retry-After; a request that alone exceeds it gets 413.",
+    )
     max_weights_bytes: int = Field(
-        default=64 * 1024**3, ge=1024, description="Largest weight upload accepted (413)."
+        default=64 * 1024**3,
+        ge=1024,
+        description="Largest weight upload accepted (413); uploads are also refused past the "
+        "model's own size in float32.",
     )
     in_flight_policy: Literal["finish", "abort"] = Field(
         default="finish",
@@ -141,22 +165,26 @@ class RolloutServerConfig(ServerConfig):
         "updates ~3x faster to stage when RAM allows two copies of the weights; on the "
         "shared volume's filesystem, file updates are hard-linked instead of copied.",
     )
+    weights_dir: Path | None = Field(
+        default=None,
+        description="The only folder file updates (`POST /v1/weights`) may read from: paths, "
+        "symlinks included, must resolve inside it (403 otherwise). Default: none, file "
+        "updates are refused; a run config sets it to <run folder>/weights, where the "
+        "trainer's file push writes.",
+    )
     nccl_weight_transfer: bool = Field(
         default=False,
-        description="vLLM on GPUs: also accept weights over vLLM's NCCL weight-transfer engine.",
+        description="GPU servers: also accept device weight pushes (vLLM: its NCCL "
+        "weight-transfer engine; transformers: CUDA IPC from a trainer on the same host).",
     )
     policy_version: int = Field(
         default=0,
         ge=0,
+        le=INT64_MAX,
         description="Version of the weights the server starts with (e.g. the step of the "
-        "checkpoint it loads); every accepted update must carry a larger one.",
+        "checkpoint it loads); every accepted update must carry a larger one. Restarting "
+        "with it is how a server's version is reset.",
     )
-
-    @model_validator(mode="after")
-    def _nccl_needs_vllm(self) -> RolloutServerConfig:
-        if self.nccl_weight_transfer and self.backend != "vllm":
-            raise ValueError("nccl_weight_transfer needs backend='vllm'")
-        return self
 
 
 class TeacherServerConfig(ServerConfig):
@@ -188,8 +216,10 @@ class TeacherServerConfig(ServerConfig):
     max_queue_tokens: int = Field(
         default=262144,
         ge=1,
-        description="Admission bound: tokens waiting or being scored. Past it requests get "
-        "429 with Retry-After, so memory stays bounded under any load.",
+        description="Admission bound: work waiting or being scored, in tokens as the engine "
+        "runs them (padding included) plus one per top-k entry returned. Past it requests get "
+        "429 with Retry-After, so memory stays bounded under any load; a request that alone "
+        "exceeds it gets 413.",
     )
     max_request_tokens: int = Field(
         default=131072, ge=1, description="Most tokens one request may carry (413 past it)."
@@ -198,8 +228,9 @@ class TeacherServerConfig(ServerConfig):
     length_bucket: int = Field(
         default=64,
         ge=1,
-        description="HF backend: sequences are padded up to a multiple of this, and only "
-        "sequences of the same bucket share a forward pass, so little compute goes to padding.",
+        description="HF backend: sequences are padded up to a multiple of this (shorter ones "
+        "to a power of two), and only sequences of the same padded length share a forward "
+        "pass, so little compute goes to padding.",
     )
     cache_bytes: int = Field(
         default=256 * 1024 * 1024,

@@ -32,7 +32,16 @@ class TrainerConfig(StrictModel):
         description="Token budget of one forward/backward micro-batch (dynamic micro-batching).",
     )
     zero_stage: Literal[0, 1, 2, 3] = Field(default=0, description="DeepSpeed ZeRO stage.")
-    dtype: Literal["fp32", "bf16"] = Field(default="fp32", description="Training precision.")
+    dtype: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto",
+        description="Training precision of the weights and activations (the loss is always "
+        "computed in fp32); `auto`: bf16 on a GPU, fp32 on the CPU.",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="Recompute activations in the backward pass instead of keeping them: "
+        "about a third more compute for much less memory (a 1.7B-8B student on one GPU).",
+    )
     max_staleness: int = Field(
         default=2,
         ge=0,
@@ -42,8 +51,25 @@ class TrainerConfig(StrictModel):
         default=10, ge=1, description="Checkpoint (and acknowledge consumed groups) every N steps."
     )
     keep_checkpoints: int = Field(default=2, ge=1, description="Newest checkpoints kept on disk.")
-    push_transport: Literal["http", "file"] = Field(
-        default="http", description="How new weights reach the rollout servers."
+    push_transport: Literal["auto", "nccl", "cuda_ipc", "http", "file"] = Field(
+        default="auto",
+        description="How new weights reach the rollout servers: `nccl` (vLLM servers on other "
+        "GPUs join the trainer's NCCL group), `cuda_ipc` (transformers servers on the "
+        "trainer's host read its GPU memory), `http` (streamed safetensors), `file` (a "
+        "shared volume). `auto`: the device path each server accepts when the trainer has a "
+        "GPU, else http.",
+    )
+    push_bucket_mb: int = Field(
+        default=512,
+        ge=1,
+        description="Device pushes: MiB of weights gathered (at ZeRO-3) and sent at a time, "
+        "so that no GPU ever holds a second full copy of the model.",
+    )
+    probe_atol: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Largest |served - sent| logprob the weight probe accepts; default 1e-3 "
+        "when training in fp32, 0.05 in bf16 (bf16 kernels differ by more between engines).",
     )
     push_timeout_s: float = Field(
         default=120.0,

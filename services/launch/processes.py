@@ -2,19 +2,30 @@
 
 Used by `rlad up` to run the pipeline and by integration tests to start real servers, so
 both exercise the same start-up path. Each child gets its own session so that stopping it
-also stops anything it spawned (vLLM's engine core is a separate process).
+also stops anything it spawned (vLLM's engine core is a separate process), and on Linux
+it is sent SIGTERM when its parent dies, however the parent died (SIGKILL, a second
+Ctrl-C), so that no server is left holding its port.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask the kernel for SIGTERM when the parent exits."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class ProcessDied(RuntimeError):
@@ -49,6 +60,7 @@ class ManagedProcess:
             env=self.env,
             cwd=self.cwd,
             start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         log_file.close()
         return self

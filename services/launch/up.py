@@ -109,10 +109,18 @@ class Pipeline:
 
 
 def launch(
-    run: RunConfig, config_path: Path, stack: Stack, redis_url: str, resume: bool
+    run: RunConfig,
+    config_path: Path,
+    stack: Stack,
+    redis_url: str,
+    resume: bool,
+    placement: dict[str, dict[str, str]] | None = None,
 ) -> Pipeline:
-    teacher_backend = run.teacher_server.backend if run.teacher_server else "vllm"
-    placement = placement_for_this_machine(run.cpu_placement, teacher_backend)
+    """Start every process; `placement`: extra environment per process name ("rollout",
+    "teacher", "trainer"), by default the CPU placement of a machine without a GPU."""
+    if placement is None:
+        teacher_backend = run.teacher_server.backend if run.teacher_server else "vllm"
+        placement = placement_for_this_machine(run.cpu_placement, teacher_backend)
     rollout_port = free_port()
     rollout_url = f"http://127.0.0.1:{rollout_port}"
     rollout = stack.start(
@@ -171,13 +179,15 @@ def prepare_folder(run: RunConfig, resume: bool) -> Path:
 
 
 @contextmanager
-def pipeline(run: RunConfig, resume: bool = False) -> Iterator[Pipeline]:
+def pipeline(
+    run: RunConfig, resume: bool = False, placement: dict[str, dict[str, str]] | None = None
+) -> Iterator[Pipeline]:
     """Start every process of the pipeline; stop them all on exit, whatever happened."""
     config_path = prepare_folder(run, resume)
     stack = Stack(run.folder, {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
     try:
         redis_url = prepare_redis(stack, fresh=not resume)
-        yield launch(run, config_path, stack, redis_url, resume)
+        yield launch(run, config_path, stack, redis_url, resume, placement)
     finally:
         stack.stop()
 

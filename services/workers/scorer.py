@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from services.clients.retry import backoff
 from services.clients.teacher import TeacherUnavailable
 from services.common.protocol import RolloutGroup, ScoreSequence
@@ -74,8 +76,8 @@ class Scorer:
         if self.config.mode == "teacher":
             try:
                 await self.score_groups(groups)
-            except TeacherUnavailable:
-                raise
+            except (TeacherUnavailable, RedisError):
+                raise  # no teacher answered, or Redis went away: the groups stay pending
             except Exception as exc:  # the teacher refused this input: park it with the reason
                 reason = f"scoring failed: {exc}"
                 for delivery in deliveries:

@@ -1,8 +1,10 @@
-"""vLLM's NCCL weight transfer through the rollout server's gate (GPU machines only):
-after `send_weights()`, the server serves the trainer's weights at the new version."""
+"""vLLM's NCCL weight transfer through the rollout server's gate (two GPUs: NCCL refuses
+two ranks on one device): after `send_weights()`, the server serves the trainer's weights
+at the new version."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +22,10 @@ from services.weights.probe import make_probe, probe_token_ids
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.vllm,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="NCCL weight transfer needs CUDA"),
+    pytest.mark.skipif(
+        torch.cuda.device_count() < 2,
+        reason="NCCL weight transfer needs two CUDA GPUs (NCCL refuses two ranks on one)",
+    ),
 ]
 
 
@@ -32,7 +37,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     argv = [sys.executable, "-m", "services.cli.main", "serve-rollout", "--model", str(model)]
     argv += ["--backend", "vllm", "--port", str(port), "--nccl-weight-transfer"]
     argv += ["--gpu-memory-utilization", "0.3"]
-    server = ManagedProcess("rollout-nccl", argv, tmp / "server.log").start()
+    # The server on the second GPU; the test's model stays on the first.
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    second = listed.split(",")[1] if listed else "1"
+    server = ManagedProcess(
+        "rollout-nccl", argv, tmp / "server.log", env={"CUDA_VISIBLE_DEVICES": second}
+    ).start()
     try:
         server.wait_healthy(f"http://127.0.0.1:{port}/health", timeout_s=600)
         yield f"http://127.0.0.1:{port}", model
@@ -56,7 +66,9 @@ def test_nccl_update_is_verified_and_versioned(served: tuple[str, Path]) -> None
             param.add_(torch.randn_like(param) * 0.05)
     sync = NcclSyncClient(url)
     engine = NCCLTrainerWeightTransferEngine.trainer_init(
-        NCCLTrainerInitInfo(master_address="127.0.0.1", master_port=free_port(), world_size=2),
+        NCCLTrainerInitInfo(
+            master_address="127.0.0.1", master_port=free_port(), world_size=2, rank=0
+        ),
         client=sync,
         source=ModuleSource(model),
     )

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import re
 import socket
 import sys
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from services.launch.processes import ManagedProcess
 from services.weights.probe import make_probe, probe_token_ids
 from services.weights.safetensors_io import encode_chunks
 from tests.model_support import perturbed_model
+from tests.server_support import read_response
 
 API_KEY = "test-key"
 PROBE_IDS = probe_token_ids(128, length=24)
@@ -75,9 +75,18 @@ def hf_url(student: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 @pytest.fixture(scope="module")
-def vllm_url(student: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The vLLM server's weights_dir: where the file transport's pushes are written."""
+    return tmp_path_factory.mktemp("shared")
+
+
+@pytest.fixture(scope="module")
+def vllm_url(
+    student: Path, shared_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("vllm")
-    server, url = start_server(tmp, student, "vllm", "127.0.0.1", {}, "--kv-cache-gib", "1")
+    extra = ["--kv-cache-gib", "1", "--weights-dir", str(shared_dir)]
+    server, url = start_server(tmp, student, "vllm", "127.0.0.1", {}, *extra)
     yield url
     server.stop()
 
@@ -167,19 +176,7 @@ def raw_upload(url: str, body: bytes, declared_length: int, version: int, wait_s
     )
     with socket.create_connection((host, int(port)), timeout=wait_s + 10) as sock:
         sock.sendall(head.encode() + body)
-        if wait_s == 0:
-            return b""
-        # Read until the server closes or the declared body has arrived: headers and body
-        # may come in separate packets.
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
-            head_end = answer.find(b"\r\n\r\n")
-            if head_end >= 0:
-                match = re.search(rb"content-length: (\d+)", answer[:head_end].lower())
-                if match and len(answer) - head_end - 4 >= int(match.group(1)):
-                    break
-        return answer
+        return b"" if wait_s == 0 else read_response(sock)
 
 
 def test_truncated_and_stalled_uploads_fail_and_the_old_weights_serve(
@@ -211,7 +208,7 @@ def test_truncated_and_stalled_uploads_fail_and_the_old_weights_serve(
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_successive_pushes_serve_exactly_the_pushed_weights(
-    vllm_url: str, student: Path, tmp_path: Path
+    vllm_url: str, student: Path, shared_dir: Path
 ) -> None:
     async def go() -> None:
         async with RolloutClient(vllm_url) as client:  # loopback: no key needed
@@ -219,7 +216,7 @@ def test_successive_pushes_serve_exactly_the_pushed_weights(
                 model = perturbed_model(student, seed=10 + version)
                 probe = make_probe(model, PROBE_IDS, atol=1e-4)
                 result = await client.push_weights(
-                    model.state_dict(), version, probe, transport=transport, shared_dir=tmp_path
+                    model.state_dict(), version, probe, transport=transport, shared_dir=shared_dir
                 )
                 assert (result.policy_version, result.transport) == (version, transport)
                 assert result.probe_max_abs_diff is not None
@@ -236,7 +233,7 @@ def test_successive_pushes_serve_exactly_the_pushed_weights(
             assert (await client.info()).policy_version == 3
 
     run(go())
-    assert list(tmp_path.iterdir()) == []  # the client cleans up its shared files
+    assert list(shared_dir.iterdir()) == []  # the client cleans up its shared files
 
 
 @pytest.mark.vllm

@@ -1,60 +1,23 @@
 """The DeepSpeed trainer as a real process on a real Redis: exactly-once training across a
-crash and `--resume`, accounting, and a 2-rank run under torchrun (ZeRO-2, gloo)."""
+crash and `--resume`, and accounting (several ranks: test_trainer_ranks.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import redis
-import yaml
 
-from services.common.runtime import free_port
-from services.launch.processes import ManagedProcess
 from services.queue.keys import SCORED
 from services.queue.queues import GroupQueue
 from tests.integration.groups import scored_group
+from tests.integration.trainer_runs import trained_log, trainer_process, write_config
 from tests.process_support import wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def write_config(folder: Path, student: Path, **trainer: object) -> Path:
-    config = {
-        "name": "trainer-test",
-        "run_dir": str(folder),
-        "student": str(student),
-        "teacher": str(student),
-        "task": {"name": "kk"},
-        "algorithm": {"name": "trrd", "alpha": 0.5},
-        "trainer": {"steps": 4, "batch_prompts": 2, "checkpoint_every": 2, "lr": 1e-4, **trainer},
-    }
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def trained_log(folder: Path) -> list[dict[str, object]]:
-    path = folder / "trainer-test" / "trained_groups.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def trainer_process(config: Path, redis_url: str, folder: Path, *extra: str) -> ManagedProcess:
-    argv = [sys.executable, "-m", "services.cli.main", "train", "--config", str(config)]
-    return ManagedProcess(
-        "trainer",
-        [*argv, "--redis-url", redis_url, *extra],
-        folder / "trainer.log",
-        env={"DS_ACCELERATOR": "cpu"},
-    ).start()
 
 
 def test_crash_and_resume_train_every_group_exactly_once(
@@ -109,40 +72,3 @@ def test_stale_groups_are_dropped_and_counted(
     stats = queue.stats()
     assert stats["stale"] == 1 and stats["trained"] == 2
     assert stats["scored"] == stats["trained"] + stats["stale"]
-
-
-def test_two_ranks_under_torchrun_with_zero2(
-    tmp_path: Path, tiny_student: Path, redis_url: str, fresh_redis: redis.Redis
-) -> None:
-    queue = GroupQueue(fresh_redis)
-    rng = random.Random(2)
-    for i in range(8):
-        queue.publish(SCORED, scored_group(i, rng), counter="scored")
-    config = write_config(tmp_path, tiny_student, steps=2, batch_prompts=4, zero_stage=2)
-    torchrun = Path(sys.executable).with_name("torchrun")
-    result = subprocess.run(
-        [
-            str(torchrun),
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "services.cli.main",
-            "train",
-            "--config",
-            str(config),
-            "--redis-url",
-            redis_url,
-        ],
-        env={**os.environ, "DS_ACCELERATOR": "cpu"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = trained_log(tmp_path)
-    assert sorted({(r["step"], r["rank"]) for r in rows}) == [(1, 0), (1, 1), (2, 0), (2, 1)]
-    groups = [g for r in rows for g in r["groups"]]  # type: ignore[attr-defined]
-    assert sorted(groups) == sorted(f"group-{i}" for i in range(8))
-    assert queue.stats()["trained"] == 8

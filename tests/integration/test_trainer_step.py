@@ -87,3 +87,32 @@ def test_a_batch_without_signal_leaves_the_weights_alone(
     assert trainer.train_step(flat)["skipped_update"] == 1
     for name, value in full_state_dict(trainer.engine, zero_stage=0).items():
         assert torch.equal(value, after_real_step[name]), name
+
+
+def test_bf16_with_gradient_checkpointing_matches_the_fp32_step(
+    tmp_path: Path, tiny_student: Path, fresh_redis: redis.Redis
+) -> None:
+    def step(dtype: str, checkpointing: bool) -> tuple[float, Trainer]:
+        run = RunConfig.model_validate(
+            {
+                "name": f"{dtype}-{checkpointing}",
+                "run_dir": str(tmp_path),
+                "student": str(tiny_student),
+                "teacher": str(tiny_student),
+                "task": {"name": "kk"},
+                "algorithm": {"name": "trrd"},
+                "trainer": {"dtype": dtype, "gradient_checkpointing": checkpointing, "lr": 1e-3},
+            }
+        )
+        trainer = Trainer(run, GroupQueue(fresh_redis), rollout_urls=[])
+        rng = random.Random(11)
+        return trainer.train_step([scored_group(i, rng) for i in range(3)])["grad_norm"], trainer
+
+    fp32_norm, _ = step("fp32", checkpointing=False)
+    bf16_norm, trainer = step("bf16", checkpointing=True)
+    assert next(trainer.engine.module.parameters()).dtype == torch.bfloat16
+    # The loss is computed in fp32 from bf16 logits: the gradient differs by bf16 rounding only.
+    assert bf16_norm == pytest.approx(fp32_norm, rel=5e-2)
+    assert {v.dtype for v in full_state_dict(trainer.engine, zero_stage=0).values()} == {
+        torch.float32
+    }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -37,9 +38,14 @@ async def as_stream(data: bytes, chunk: int = 1000) -> AsyncIterator[bytes]:
         yield data[i : i + chunk]
 
 
+@pytest.fixture(scope="module")
+def schema(tied_student: Path) -> WeightSchema:
+    return WeightSchema.from_model_dir(tied_student)
+
+
 def stage(folder: Path, data: bytes, schema: WeightSchema, declared: str | None = None):
     _, digest = asyncio.run(
-        receive_upload(as_stream(data), folder, max_bytes=1 << 30, idle_timeout_s=5)
+        receive_upload(as_stream(data), folder, schema, max_bytes=1 << 30, idle_timeout_s=5)
     )
     return verify_staged(folder, schema, {UPLOAD_FILE: digest}, {UPLOAD_FILE: declared or digest})
 
@@ -133,40 +139,64 @@ def test_a_corrupted_upload_fails_its_checksum(
 
 
 def test_a_truncated_upload_is_refused(
-    perturbed: Perturb, tied_student: Path, tmp_path: Path
+    perturbed: Perturb, tied_student: Path, tmp_path: Path, schema: WeightSchema
 ) -> None:
     data = encoded(perturbed(tied_student, seed=1).state_dict())
     with pytest.raises(ApiError) as caught:
         asyncio.run(
-            receive_upload(as_stream(data[:-100]), tmp_path, max_bytes=1 << 30, idle_timeout_s=5)
+            receive_upload(
+                as_stream(data[:-100]), tmp_path, schema, max_bytes=1 << 30, idle_timeout_s=5
+            )
         )
     assert (caught.value.status, caught.value.type) == (400, "truncated_upload")
     assert f"received {len(data) - 100} bytes" in caught.value.message
 
 
-def test_garbage_is_not_a_safetensors_upload(tmp_path: Path) -> None:
+def receive(chunks: AsyncIterator[bytes], folder: Path, schema: WeightSchema, **limits):
+    options = {"max_bytes": 1 << 30, "idle_timeout_s": 5.0} | limits
+    return asyncio.run(receive_upload(chunks, folder, schema, **options))
+
+
+def test_garbage_is_not_a_safetensors_upload(tmp_path: Path, schema: WeightSchema) -> None:
     with pytest.raises(ApiError) as caught:
-        asyncio.run(
-            receive_upload(as_stream(b"\xff" * 64), tmp_path, max_bytes=1 << 30, idle_timeout_s=5)
-        )
+        receive(as_stream(b"\xff" * 64), tmp_path, schema)
     assert (caught.value.status, caught.value.type) == (400, "malformed_weights")
 
 
-def test_an_upload_over_the_limit_is_refused(tmp_path: Path) -> None:
+def test_a_header_longer_than_the_model_needs_is_refused(
+    tmp_path: Path, schema: WeightSchema
+) -> None:
+    declared = (schema.max_header_bytes + 1).to_bytes(8, "little")  # under the format's limit
     with pytest.raises(ApiError) as caught:
-        data = encoded({"w": torch.zeros(2000)})
-        asyncio.run(receive_upload(as_stream(data), tmp_path, max_bytes=4096, idle_timeout_s=5))
+        receive(as_stream(declared + b" " * schema.max_header_bytes), tmp_path, schema)
+    assert (caught.value.status, caught.value.type) == (400, "malformed_weights")
+    assert list(tmp_path.iterdir()) == []  # nothing was written
+
+
+def test_an_upload_over_the_limit_is_refused_from_its_header(
+    perturbed: Perturb, tied_student: Path, tmp_path: Path, schema: WeightSchema
+) -> None:
+    data = encoded(perturbed(tied_student, seed=1).state_dict())
+    with pytest.raises(ApiError) as caught:
+        receive(as_stream(data), tmp_path, schema, max_bytes=4096)
     assert caught.value.status == 413
+    assert f"declares {len(data)} bytes, over the limit 4096" in caught.value.message
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_a_stalled_upload_times_out(tmp_path: Path) -> None:
+def test_the_upload_limit_is_the_model_in_float32(schema: WeightSchema) -> None:
+    floats = sum(math.prod(shape) for shape in schema.shapes.values())
+    assert floats * 4 < schema.max_file_bytes < floats * 4 + 128 * 1024
+
+
+def test_a_stalled_upload_times_out(tmp_path: Path, schema: WeightSchema) -> None:
     async def stalls() -> AsyncIterator[bytes]:
         yield b"\x10\0\0\0\0\0\0\0"
         await asyncio.sleep(10)
         yield b""
 
     with pytest.raises(ApiError) as caught:
-        asyncio.run(receive_upload(stalls(), tmp_path, max_bytes=1 << 30, idle_timeout_s=0.2))
+        receive(stalls(), tmp_path, schema, idle_timeout_s=0.2)
     assert (caught.value.status, caught.value.type) == (408, "upload_timeout")
 
 

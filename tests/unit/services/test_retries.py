@@ -236,3 +236,21 @@ def test_a_stopped_scorer_leaves_the_groups_pending(
     queue = GroupQueue(fresh_redis)
     assert queue.stats() == {"produced": 1}
     assert len(queue.pending_for(ROLLOUTS, "scorer-a")) == 1  # another scorer reclaims it
+
+
+class RedisGoneTeacher(FlakyTeacher):
+    """Redis goes away while the group is being scored (e.g. `docker compose restart redis`)."""
+
+    async def score(self, sequences: list[ScoreSequence]) -> ScoreResponse:
+        self.calls += 1
+        raise redis.exceptions.ConnectionError("Connection closed by server.")
+
+
+def test_a_redis_error_while_scoring_leaves_the_group_pending(
+    fresh_redis: redis.Redis, redis_url: str
+) -> None:
+    with pytest.raises(redis.exceptions.ConnectionError):
+        score_pending_group(redis_url, RedisGoneTeacher(unavailable=0), should_stop=lambda: False)
+    queue = GroupQueue(fresh_redis)
+    assert queue.stats() == {"produced": 1}  # not dead-lettered as a refusal of the teacher
+    assert len(queue.pending_for(ROLLOUTS, "scorer-a")) == 1  # redelivered once reclaimed

@@ -84,6 +84,12 @@ BAD_INPUTS = [
     (b'{"sequences": [{"token_ids": [1, "a"]}]}', wire.JSON, 422, "sequences.0.token_ids.1"),
     (b'{"sequences": [{"token_ids": [1, 2]}], "top_k": 65}', wire.JSON, 422, "top_k"),
     (b'{"sequences": [{"token_ids": [1, 2]}], "extra": 1}', wire.JSON, 422, "extra"),
+    # Strict: a bool, a numeric string or a float is no token id, and true is no top_k.
+    (b'{"sequences": [{"token_ids": [true, false]}]}', wire.JSON, 422, "token_ids.0"),
+    (b'{"sequences": [{"token_ids": ["5", 6]}]}', wire.JSON, 422, "token_ids.0"),
+    (b'{"sequences": [{"token_ids": [5.0, 6]}]}', wire.JSON, 422, "token_ids.0"),
+    (b'{"sequences": [{"token_ids": [5, 6]}], "top_k": true}', wire.JSON, 422, "top_k"),
+    (msgpack.packb({"sequences": [{"token_ids": [True, 2]}]}), wire.MSGPACK, 422, "token_ids.0"),
     (
         msgpack.packb({"sequences": [{"token_ids": [1, 2], "start": 5}]}),
         wire.MSGPACK,
@@ -100,6 +106,12 @@ def test_bad_input_gets_a_precise_4xx(
 ) -> None:
     response = http.post("/v1/score", content=body, headers={"content-type": content_type})
     assert words in _error(response, status)
+
+
+def test_media_types_are_case_insensitive(http: httpx.Client) -> None:
+    body = b'{"sequences": [{"token_ids": [1, 2, 3]}]}'
+    response = http.post("/v1/score", content=body, headers={"content-type": "APPLICATION/JSON"})
+    assert response.status_code == 200, response.text
 
 
 def test_unknown_paths_and_methods_answer_in_the_error_shape(http: httpx.Client) -> None:
@@ -224,7 +236,8 @@ def test_full_server_answers_429_with_retry_after_then_recovers(
         )
         worker.start()
         deadline = time.monotonic() + 10
-        while "rlad_teacher_queue_tokens 1000.0" not in http.get("/metrics").text:
+        # 4 x 250 tokens, each padded to 256 (length_bucket 16): 1024 tokens of work
+        while "rlad_teacher_queue_tokens 1024.0" not in http.get("/metrics").text:
             assert time.monotonic() < deadline, "the held request was never admitted"
             time.sleep(0.02)
         refused = http.post("/v1/score", json={"sequences": [{"token_ids": [1] * 30}]})

@@ -46,7 +46,12 @@ def _batcher(engine: RecordingEngine, **overrides: object) -> DynamicBatcher:
     options: dict[str, object] = {
         "max_batch_tokens": 64, "max_wait_s": 0.05, "max_queue_tokens": 128,
     } | overrides  # fmt: skip
-    return DynamicBatcher(engine, **options)  # type: ignore[arg-type]
+    return DynamicBatcher(engine, cost_fn=tokens, **options)  # type: ignore[arg-type]
+
+
+def tokens(sequences: Sequence[ScoreSequence], top_k: int) -> int:
+    """A cost of one per token, so the tests can count admission by hand."""
+    return sum(len(seq.token_ids) for seq in sequences)
 
 
 def test_concurrent_requests_share_one_engine_call_and_get_their_own_answers() -> None:
@@ -117,7 +122,7 @@ def test_full_queue_answers_429_with_retry_after_and_frees_its_budget() -> None:
             assert int(refused.value.headers["Retry-After"]) >= 1
             gate.set()
             await held
-            assert batcher.admitted_tokens == 0
+            assert batcher.admission.admitted == 0
             await batcher.submit([_seq(0, 8)], 0)  # admitted again once drained
         finally:
             gate.set()

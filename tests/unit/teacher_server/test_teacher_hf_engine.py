@@ -69,8 +69,10 @@ def test_micro_batch_plan_covers_every_sequence_within_budget() -> None:
         assert all(lengths[i] <= padded for i in indices)
         assert len({-(-lengths[i] // 16) for i in indices}) == 1 or padded >= 256
         assert len(indices) * padded <= 64 or len(indices) == 1
-    # 5 and 2 share the 16 bucket; 16 joins them (3 x 16 = 48 <= 64); 17 and 18 pad to 32
-    assert ([4, 0, 2], 16) in plan and ([1, 6], 32) in plan
+    # Below one bucket, lengths pad to a power of two: 2 stays 2, 5 pads to 8; 16 fills a
+    # bucket; 17 and 18 pad to 32
+    assert ([4], 2) in plan and ([0], 8) in plan and ([2], 16) in plan
+    assert ([1, 6], 32) in plan
     assert ([7], 300) in plan  # longer than max_len: alone, unpadded
 
 

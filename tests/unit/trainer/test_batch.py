@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from services.common.protocol import CompletionRecord, RolloutGroup
-from trainer.batch import collate, empty_batch, flatten, pack
+from trainer.batch import MicroBatch, collate, empty_batch, flatten, pack
+
+CPU = torch.device("cpu")
 
 
 def group(prompt: list[int], completions: list[list[int]]) -> RolloutGroup:
@@ -33,7 +35,7 @@ def test_completion_tokens_land_on_shifted_positions() -> None:
     # Prompt [5, 6, 7] (P=3), completion [8, 9]: logprob of token 8 is predicted from
     # position 2 (the last prompt token), token 9 from position 3 → positions 2 and 3.
     samples = flatten([group([5, 6, 7], [[8, 9], [8]])], torch.tensor([[0.5, -0.5]]))
-    batch = collate(samples, pad_id=0)
+    batch = collate(samples, pad_id=0, device=CPU)
     assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 6, 7, 8, 0]]
     assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
     assert batch.loss_mask.tolist() == [[0, 0, 1, 1], [0, 0, 1, 0]]
@@ -64,6 +66,19 @@ def test_packing_respects_the_token_budget_and_keeps_every_sample() -> None:
 
 
 def test_empty_batch_has_no_loss_tokens() -> None:
-    batch = empty_batch(pad_id=0, with_teacher=True)
+    batch = empty_batch(pad_id=0, with_teacher=True, device=CPU)
     assert batch.num_tokens == 0
     assert batch.teacher_logprobs is not None
+
+
+def tensors_of(batch: MicroBatch) -> list[torch.Tensor]:
+    return [v for v in vars(batch).values() if isinstance(v, torch.Tensor)]
+
+
+def test_every_tensor_of_a_micro_batch_is_made_on_the_given_device() -> None:
+    # The meta device stands in for a GPU: a tensor built on the CPU and left there would
+    # meet the model on another device, which CUDA refuses at the first forward.
+    meta = torch.device("meta")
+    samples = flatten([group([5, 6, 7], [[8, 9], [8]])], torch.tensor([[0.5, -0.5]]))
+    for batch in (collate(samples, 0, meta), empty_batch(0, True, meta)):
+        assert tensors_of(batch) and {t.device for t in tensors_of(batch)} == {meta}

@@ -1,0 +1,143 @@
+"""How an RLAD server is put on the network: uvicorn with a deadline on request headers,
+and a warning when it is reachable from other hosts without a key.
+
+uvicorn times out idle keep-alive connections but not a request whose headers never
+finish: a client that opens connections and sends a few header bytes now and then holds
+them (and their file descriptors) forever. `header_timeout_protocol` closes a connection
+whose next request's headers are not complete `header_timeout_s` after its first byte (or
+after the connection opened). Bodies have their own deadline (`read_body`, and the
+rollout server's upload idle timeout).
+
+    serve(create_app(config), config)      # what `rlad serve-*` runs
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+from typing import Any, Protocol, cast
+
+import uvicorn
+
+from services.common.http_server import API_KEY_ENV, api_key
+
+log = logging.getLogger(__name__)
+
+
+class ServeSettings(Protocol):
+    """What serving needs of a server's settings (`ServerConfig` has it all)."""
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def log_level(self) -> str: ...
+
+    @property
+    def header_timeout_s(self) -> float: ...
+
+    @property
+    def loopback_only(self) -> bool: ...
+
+
+class _HeaderDeadline(asyncio.Protocol):
+    """Mixed into uvicorn's HTTP protocol: one deadline for the headers of each request.
+
+    Armed when the connection opens and when the first bytes arrive while no request is
+    in progress; when it fires, the connection is closed unless a request's headers were
+    completed since it was armed (uvicorn then starts a new request cycle).
+    """
+
+    header_timeout_s: float
+    # Set by uvicorn's protocol classes (their own, more precise annotations win).
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    cycle: Any
+
+    _deadline: asyncio.TimerHandle | None = None
+    _armed_cycle: Any = None
+
+    def _request_in_progress(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _arm(self) -> None:
+        self._armed_cycle = self.cycle
+        self._deadline = self.loop.call_later(self.header_timeout_s, self._expire)
+
+    def _expire(self) -> None:
+        self._deadline = None
+        if self._request_in_progress() or self.transport.is_closing():
+            return
+        if self.cycle is self._armed_cycle:  # no request's headers completed in time
+            self.transport.close()
+        else:  # between requests again: the next headers get a deadline of their own
+            self._arm()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self._deadline is None and not self._request_in_progress():
+            self._arm()
+        super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        super().connection_lost(exc)
+
+
+def _uvicorn_protocol() -> type[asyncio.Protocol]:
+    """The HTTP protocol uvicorn would pick: httptools when installed, else h11."""
+    if importlib.util.find_spec("httptools") is not None:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        return HttpToolsProtocol
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    return H11Protocol
+
+
+def header_timeout_protocol(
+    timeout_s: float, base: type[asyncio.Protocol] | None = None
+) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol (`base`, default: the one uvicorn picks) with a header
+    deadline of `timeout_s`; pass it as uvicorn's `http`."""
+    parent = base or _uvicorn_protocol()
+    name = f"HeaderTimeout{parent.__name__}"
+    return cast(
+        type[asyncio.Protocol],
+        type(name, (_HeaderDeadline, parent), {"header_timeout_s": timeout_s}),
+    )
+
+
+def warn_if_unprotected(settings: ServeSettings) -> None:
+    """Say at start when any host that can reach the server may use it without a key."""
+    if settings.loopback_only or api_key() is not None:
+        return
+    log.warning(
+        "bound to %s without %s: every route except the rollout server's weight updates "
+        "answers anyone who can reach this address (weight updates refuse all: they need "
+        "the key off loopback). Set %s on the server and its clients, or bind to 127.0.0.1.",
+        settings.host,
+        API_KEY_ENV,
+        API_KEY_ENV,
+    )
+
+
+def serve(app: Any, settings: ServeSettings) -> None:
+    """Run `app` under uvicorn at `settings.host:port` until stopped."""
+    warn_if_unprotected(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        http=header_timeout_protocol(settings.header_timeout_s),
+    )
