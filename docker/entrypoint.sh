@@ -5,9 +5,9 @@
 #
 # Compose mounts secrets as files (/run/secrets/NAME), so keys never sit in an image or in
 # `docker inspect`; they live only in this process's environment. Outside swarm a secret is
-# a bind mount of the host file, with the host's owner and mode, and a host path that does
-# not exist may arrive as an empty directory: both stop the container here, saying what to
-# do, instead of a server that runs without its key.
+# a bind mount of the host path as it is, with the host's owner and mode: a key that is not
+# a file this user can read, or is empty, stops the container here with what to do,
+# instead of a server that runs without its key.
 set -eu
 
 SECRET=/run/secrets/rlad_api_key
