@@ -458,7 +458,7 @@ replicas() {
 
 redis_restart() {
   local before after step produced scored produced_after scored_after
-  eventually 600 5 step_above 0 || fail trainer-cpu "the trainer made no step"
+  eventually 600 1 step_above 0 || fail trainer-cpu "the trainer made no step"
   step=$(trainer_step)
   [ "$step" -lt "$STEPS" ] || fail "" "the run ended (step $step) before Redis was restarted"
   before=$(counters)
