@@ -40,7 +40,7 @@ TEACHER_PORTS=18000-18007
 REMOTE_TEACHER_PORT=18100
 # The CPU profile and what always runs, Grafana too where its image exists. The trainer
 # starts once the checks that need no training are done: then a Redis restart and a
-# stopped replica meet the run in its first steps, however fast the machine.
+# stopped replica meet the run in its first steps rather than after its end.
 STACK=(redis bootstrap teacher-cpu rollout-cpu scorer-cpu rollout-worker-cpu monitor prometheus)
 TRAINER=trainer-cpu
 HOST_CA_BUNDLE=${HOST_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
