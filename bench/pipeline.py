@@ -69,7 +69,7 @@ def run(config: dict[str, Any], name: str, **changes: Any) -> float:
 def queue_overhead_per_group(group_size: int, tokens: int, repeats: int = 300) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         server = start_embedded_redis(Path(tmp) / "bench.db")
-        queue = GroupQueue(redis.Redis.from_url(embedded_url(server)))
+        queue = GroupQueue(redis.Redis.from_url(embedded_url(server)), "bench")
         group = RolloutGroup(
             group_id="g",
             prompt_id="p",

@@ -190,13 +190,14 @@ json_get() { python3 -c "import json, sys; d = json.load(sys.stdin); print($1)";
 monitor_json() { stack exec -T monitor rlad monitor --once --json "$@"; }
 
 # The trainer's last step, and the run counters `produced scored`, where they live in Redis
-# (cheap enough to poll).
+# (cheap enough to poll): the keys of the CPU profile's run, configs/tiny-cpu.yaml.
+RUN_KEYS=rlad:tiny-cpu
 trainer_step() {
   local step
-  step=$(redis_cli HGET rlad:trainer step 2>/dev/null) || true
+  step=$(redis_cli HGET $RUN_KEYS:trainer step 2>/dev/null) || true
   echo "${step:-0}"
 }
-counters() { redis_cli HMGET rlad:stats produced scored | sed 's/^$/0/' | paste -sd ' '; }
+counters() { redis_cli HMGET $RUN_KEYS:stats produced scored | sed 's/^$/0/' | paste -sd ' '; }
 produced_above() { [ "$(counters | cut -d ' ' -f 1)" -gt "$1" ]; }
 step_above() { [ "$(trainer_step)" -gt "$1" ]; }
 scored_above() { [ "$(counters | cut -d ' ' -f 2)" -gt "$1" ]; }
@@ -414,8 +415,8 @@ monitor() {
   eventually 300 5 produced_above 0 || fail rollout-worker-cpu "no group was produced"
   monitor_json --window 5 >"$WORK/monitor.json" || fail monitor "rlad monitor --once failed"
   json_get '
-sorted(d["streams"]) == ["rlad:dead", "rlad:rollouts", "rlad:scored"]
-and {g["stream"] for g in d["groups"]} == {"rlad:rollouts", "rlad:scored"}
+sorted(d["streams"]) == ["dead", "rollouts", "scored"]
+and {g["stream"] for g in d["groups"]} == {"rollouts", "scored"}
 and all("lag" in g for g in d["groups"])
 and d["rates"] is not None and d["counters"]["produced"] > 0' <"$WORK/monitor.json" \
     | grep -qx True || fail monitor "rlad monitor --once --json: $(cat "$WORK/monitor.json")"
@@ -466,9 +467,9 @@ redis_restart() {
   eventually 60 2 healthy redis || fail redis "Redis did not come back"
   [ "$(redis_cli CONFIG GET appendonly | tail -n 1)" = yes ] \
     || fail redis "Redis runs without its append-only file"
-  [ "$(redis_cli EXISTS rlad:rollouts rlad:scored)" = 2 ] \
+  [ "$(redis_cli EXISTS $RUN_KEYS:rollouts $RUN_KEYS:scored)" = 2 ] \
     || fail redis "the streams did not come back"
-  redis_cli XINFO GROUPS rlad:scored | grep -qx trainers \
+  redis_cli XINFO GROUPS $RUN_KEYS:scored | grep -qx trainers \
     || fail redis "the trainers' consumer group did not come back"
   after=$(counters)
   read -r produced scored <<<"$before"
@@ -519,12 +520,12 @@ accounts() {
   monitor_json >"$WORK/accounts.json"
   log "accounts: $(json_get '
 "produced %(produced)d, trained %(trained)d, stale %(stale)d, dead %(dead)d" % d["counters"]
-+ ", queued %d" % (d["streams"]["rlad:rollouts"] + d["streams"]["rlad:scored"])' \
++ ", queued %d" % (d["streams"]["rollouts"] + d["streams"]["scored"])' \
     <"$WORK/accounts.json")"
   # produced = trained + stale + dead + still queued, and no group was dead-lettered.
   json_get '
 d["counters"]["produced"] == sum(d["counters"][k] for k in ("trained", "stale", "dead"))
-+ d["streams"]["rlad:rollouts"] + d["streams"]["rlad:scored"]
++ d["streams"]["rollouts"] + d["streams"]["scored"]
 and d["counters"]["dead"] == 0 and d["counters"]["trained"] > 0' <"$WORK/accounts.json" \
     | grep -qx True || fail scorer-cpu "the queue accounts do not add up, or a group was lost"
 }

@@ -43,6 +43,9 @@ def _start() -> None:
 
 for _name, _module in COMMANDS:
     app.command(_name)(importlib.import_module(f"services.cli.{_module}").command)
+# Commands with subcommands of their own: (name, module), each module defines `app`.
+for _name, _module in [("dead", "dead")]:
+    app.add_typer(importlib.import_module(f"services.cli.{_module}").app, name=_name)
 
 if __name__ == "__main__":  # `python -m services.cli.main`, e.g. under torchrun
     app()

@@ -1,7 +1,8 @@
 """Command-line options from the configuration models.
 
 `load_run` reads a `--config` run YAML and turns a refused config into a usage error (exit
-code 2, one line per problem, no traceback). `model_options` gives a command one
+code 2, one line per problem, no traceback); `open_run_reader` does the same for a `--run`
+that names no run, or no `--run` where several share the Redis. `model_options` gives a command one
 `--field-name` option per field of a settings model, with the field's type, default and
 description, so that no option is declared twice; `build_model` validates what was given
 and names the offending flag when a value is refused.
@@ -18,16 +19,30 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
+import redis
 import typer
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from services.config.base import ConfigError
 from services.config.run import RunConfig, load_run_config
+from services.queue.connection import NoSuchRun, pick_run
+from services.queue.queues import QueueReader
 
 M = TypeVar("M", bound=BaseModel)
 SETTINGS = "settings"  # the parameter that receives the generated options' values
 PLAIN_TYPES = (str, int, float, bool, Path)
+
+
+def open_run_reader(client: redis.Redis, run: str | None) -> QueueReader:
+    """A reader of `run`, or of the only run on the Redis; a usage error when it cannot be
+    told which, or Redis does not answer."""
+    try:
+        return QueueReader(client, pick_run(client, run))
+    except (NoSuchRun, ValueError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--run") from None
+    except redis.RedisError as exc:
+        raise typer.BadParameter(f"cannot read Redis: {exc}", param_hint="--redis-url") from None
 
 
 def load_run(path: Path, overrides: dict[str, object] | None = None) -> RunConfig:

@@ -1,4 +1,4 @@
-"""`rlad rollout-worker`: sample groups from the rollout server(s) into `rlad:rollouts`."""
+"""`rlad rollout-worker`: sample groups from the rollout server(s) into the `rollouts` stream."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def command(
             connect_async(redis_url) as redis_client,
             RolloutClient(rollout_url, api_key=api_key()) as client,
         ):
-            queue = await AsyncQueue.open(redis_client, run.queue)
+            queue = await AsyncQueue.open(redis_client, run.name, run.queue)
             # Synchronous mode: one trainer batch (B groups), then wait for the new weights.
             sync_batch = run.trainer.batch_prompts if run.rollout.synchronous else None
             worker = RolloutWorker(

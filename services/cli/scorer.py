@@ -1,4 +1,4 @@
-"""`rlad scorer`: add teacher logprobs to rollout groups (`rlad:rollouts` → `rlad:scored`)."""
+"""`rlad scorer`: add teacher logprobs to rollout groups (stream `rollouts` → `scored`)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def command(
 
     async def main() -> None:
         async with connect_async(redis_url) as redis_client:
-            queue = await AsyncQueue.open(redis_client, run.queue)
+            queue = await AsyncQueue.open(redis_client, run.name, run.queue)
             if passthrough:
                 await Scorer(run.scorer, queue, None, consumer).run(stop)
                 return

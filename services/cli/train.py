@@ -26,7 +26,7 @@ def command(
     configure_logging("trainer")
     run = load_run(config)
     stop = StopFlag()
-    queue = GroupQueue(connect(redis_url), run.queue)
+    queue = GroupQueue(connect(redis_url), run.name, run.queue)
     trainer = Trainer(run, queue, rollout_url, api_key=api_key(), should_stop=stop)
     if resume:
         trainer.resume()

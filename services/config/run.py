@@ -21,12 +21,19 @@ from services.config.task import TaskConfig
 from services.config.trainer import TrainerConfig
 from services.config.workers import QueueConfig, RolloutWorkerConfig, ScorerConfig
 
+# Letters, digits, `.`, `_`, `-`: the name is part of a folder name and of Redis keys.
+RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 # Server block -> the run's model it serves.
 SERVED_MODELS = {"rollout_server": "student", "teacher_server": "teacher"}
 
 
 class RunConfig(StrictModel):
-    name: str = Field(default="run", description="Run name; the run folder is run_dir/name.")
+    name: str = Field(
+        default="run",
+        pattern=RUN_NAME_PATTERN,
+        description="Run name: the run folder is run_dir/name, and it scopes the run's Redis "
+        "keys, so runs with different names can share one Redis.",
+    )
     run_dir: Path = Field(default=Path("runs"), description="Where run folders are written.")
     student: str = Field(description="Student model id or path (also the initial policy).")
     teacher: str | None = Field(default=None, description="Teacher model id or path.")

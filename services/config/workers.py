@@ -45,11 +45,19 @@ class QueueConfig(StrictModel):
     }
 
     max_backlog: int = Field(
-        default=64, ge=1, description="Producers wait while rollouts+scored hold more groups."
+        default=64,
+        ge=1,
+        description="Producers wait while more groups than this await a scorer or the trainer.",
     )
     max_deliveries: int = Field(
-        default=3, ge=1, description="A message delivered more often goes to rlad:dead."
+        default=3, ge=1, description="A message delivered more often goes to the dead letters."
     )
     claim_idle_ms: int = Field(
         default=30_000, ge=100, description="Pending this long, a message is reclaimed."
+    )
+    redis_outage_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="How long a process rides out an unreachable Redis (retrying each call "
+        "with backoff) before it gives up and exits.",
     )

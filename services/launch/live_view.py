@@ -54,7 +54,7 @@ class LiveView:
         self, run: RunConfig, client: redis.Redis, metrics_path: Path, enabled: bool
     ) -> None:
         self.run = run
-        self.reader = QueueReader(client)
+        self.reader = QueueReader(client, run.name)
         self.metrics_path = metrics_path
         self.console = Console(stderr=True)
         self.enabled = enabled and self.console.is_terminal

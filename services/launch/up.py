@@ -64,7 +64,7 @@ class Stack:
             self.redis_server.shutdown()
 
 
-def prepare_redis(stack: Stack, fresh: bool) -> str:
+def prepare_redis(stack: Stack, run: str, fresh: bool) -> str:
     url = os.environ.get("REDIS_URL")
     if url is None:
         db = stack.folder / "redis" / "rlad.db"
@@ -73,7 +73,7 @@ def prepare_redis(stack: Stack, fresh: bool) -> str:
         stack.redis_server = start_embedded_redis(db)
         url = embedded_url(stack.redis_server)
     elif fresh:
-        clear_run(connect(url))
+        clear_run(connect(url), run)
     return url
 
 
@@ -186,15 +186,15 @@ def pipeline(
     config_path = prepare_folder(run, resume)
     stack = Stack(run.folder, {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
     try:
-        redis_url = prepare_redis(stack, fresh=not resume)
+        redis_url = prepare_redis(stack, run.name, fresh=not resume)
         yield launch(run, config_path, stack, redis_url, resume, placement)
     finally:
         stack.stop()
 
 
-def queue_accounts(client: redis.Redis) -> dict[str, int]:
+def queue_accounts(client: redis.Redis, run: str) -> dict[str, int]:
     """Counters plus what is still in the streams: produced = trained + stale + dead + in queue."""
-    return QueueReader(client).accounts()
+    return QueueReader(client, run).accounts()
 
 
 def up(run: RunConfig, resume: bool = False, live: bool = True) -> Path:
@@ -211,7 +211,7 @@ def up(run: RunConfig, resume: bool = False, live: bool = True) -> Path:
         code = running.trainer.wait()
         if code != 0:
             raise RuntimeError(f"trainer exited with code {code}:\n{running.trainer.tail()}")
-        accounts = queue_accounts(client)
+        accounts = queue_accounts(client, run.name)
         (folder / "queue_accounts.json").write_text(json.dumps(accounts, indent=2))
     plot_curves(read_metrics(folder / "metrics.jsonl"), folder / "curves.png", title=run.name)
     return folder

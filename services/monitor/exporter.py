@@ -13,6 +13,7 @@ against a live page.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
@@ -24,18 +25,32 @@ from prometheus_client.registry import Collector
 
 from services.common.http_server import create_base_app
 from services.monitor.snapshot import QueueSnapshot, read_snapshot
+from services.queue.connection import NoSuchRun, pick_run
+from services.queue.queues import QueueReader
+
+log = logging.getLogger(__name__)
 
 
 class SnapshotCollector(Collector):
-    def __init__(self, client: redis.Redis) -> None:
+    """Reads `run`, or when it is None the only run on the Redis (found again at each
+    scrape, so the exporter may start before the run does)."""
+
+    def __init__(self, client: redis.Redis, run: str | None) -> None:
         self.client = client
+        self.run = run
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("rlad_monitor_redis_up", "1 when the last read of Redis worked.")
         try:
-            snapshot = read_snapshot(self.client)
+            run = pick_run(self.client, self.run)
+            snapshot = read_snapshot(QueueReader(self.client, run))
         except redis.RedisError:
             up.add_metric([], 0)
+            yield up
+            return
+        except NoSuchRun as exc:  # Redis answers; there is no one run to report yet
+            log.warning("%s", exc)
+            up.add_metric([], 1)
             yield up
             return
         up.add_metric([], 1)
@@ -117,9 +132,9 @@ def _latency_metrics(snapshot: QueueSnapshot) -> Iterator[Metric]:
     yield quantiles
 
 
-def create_app(client: redis.Redis) -> FastAPI:
+def create_app(client: redis.Redis, run: str | None = None) -> FastAPI:
     registry = CollectorRegistry()
-    registry.register(SnapshotCollector(client))
+    registry.register(SnapshotCollector(client, run))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

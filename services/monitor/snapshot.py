@@ -1,15 +1,15 @@
-"""The figures of `rlad monitor`: one read of Redis → one `QueueSnapshot`.
+"""The figures of `rlad monitor`: one read of a run's keys in Redis → one `QueueSnapshot`.
 
-Everything comes from the queue's own keys, read through `QueueReader`
+Everything comes from the run's own keys, read through `QueueReader`
 (services/queue/queues.py), so the monitor needs no connection to any process:
 
 - stream lengths (`XLEN`); trimming keeps exactly the entries some group has not acknowledged;
 - per consumer group: consumers, pending (delivered, not acknowledged), lag (in the stream,
   not yet delivered), and the age of the oldest entry the group still has to finish, taken
   from the millisecond part of that entry's id against the Redis server's clock;
-- the run counters of `rlad:stats` (produced, scored, trained, stale, dead);
-- the trainer's step, policy version and staleness histogram (`rlad:trainer`);
-- the scorer's last teacher-call latencies (`rlad:teacher_latency_ms`), as p50 / p99;
+- the run counters (produced, scored, trained, stale, dead, replayed);
+- the trainer's step, policy version and staleness histogram;
+- the scorers' last teacher-call latencies, as p50 / p99;
 - the newest dead letters with their reason.
 
 Throughput needs two readings: `with_rates(previous, current)` turns counter differences
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 
-import redis
 from pydantic import BaseModel, Field
 
 from services.queue.keys import ROLLOUTS, SCORED
@@ -31,7 +30,7 @@ from services.queue.queues import QueueReader
 from services.queue.readings import GroupProgress
 from services.queue.state import TrainerProgress
 
-COUNTERS = ("produced", "scored", "trained", "stale", "dead")
+COUNTERS = ("produced", "scored", "trained", "stale", "dead", "replayed")
 RECENT_DEAD = 5
 
 
@@ -62,17 +61,20 @@ class TrainerState(BaseModel):
 
 
 class DeadLetter(BaseModel):
-    id: str = Field(description="Entry id in rlad:dead.")
+    id: str = Field(description="Entry id in the dead letters (`rlad dead replay ID`).")
     source: str = Field(description="Stream the message was removed from.")
     reason: str = Field(description="Why it was dead-lettered.")
 
 
 class QueueSnapshot(BaseModel):
+    run: str = Field(description="The run read (its keys are rlad:<run>:*).")
     taken_at: float = Field(description="Redis server time of the reading (Unix seconds).")
     streams: dict[str, int] = Field(description="Length of each stream.")
     groups: list[GroupState] = Field(description="One entry per consumer group.")
-    backlog: int = Field(description="Groups waiting for a scorer or the trainer (the bound).")
-    counters: dict[str, int] = Field(description="Run counters from rlad:stats.")
+    backlog: int = Field(
+        description="Groups that await a scorer or the trainer (what queue.max_backlog bounds)."
+    )
+    counters: dict[str, int] = Field(description="The run counters.")
     rates: dict[str, float] | None = Field(
         default=None, description="Counter growth in groups/s between two readings."
     )
@@ -84,19 +86,19 @@ class QueueSnapshot(BaseModel):
         return next(g for g in self.groups if g.stream == stream)
 
 
-def read_snapshot(client: redis.Redis) -> QueueSnapshot:
+def read_snapshot(reader: QueueReader) -> QueueSnapshot:
     """One consistent-enough reading of every figure (a handful of round trips)."""
-    reader = QueueReader(client)
     now_ms = reader.server_time_ms()
     streams = reader.stream_lengths()
-    groups = [_group_state(progress, now_ms) for progress in reader.groups_progress()]
+    progress = reader.groups_progress()
+    groups = [_group_state(p, now_ms) for p in progress]
     stats = reader.stats()
-    held = next(g.pending for g in groups if g.stream == SCORED)
     return QueueSnapshot(
+        run=reader.keys.run,
         taken_at=now_ms / 1000,
         streams=streams,
         groups=groups,
-        backlog=streams[ROLLOUTS] + streams[SCORED] - held,
+        backlog=_backlog(progress),
         counters={name: stats.get(name, 0) for name in COUNTERS},
         teacher_latency=_latency(sorted(reader.teacher_latencies())),
         trainer=_trainer(reader.trainer_progress(), now_ms / 1000),
@@ -105,6 +107,15 @@ def read_snapshot(client: redis.Redis) -> QueueSnapshot:
             for d in reader.recent_dead(RECENT_DEAD)
         ],
     )
+
+
+def _backlog(progress: list[GroupProgress]) -> int:
+    """As the producers count it (services/queue/streams.py `backlog`): undelivered or
+    being scored in rollouts, undelivered in scored (the trainer's held groups do not
+    count)."""
+    by_stream = {p.stream: p for p in progress}
+    rollouts, scored = by_stream[ROLLOUTS], by_stream[SCORED]
+    return rollouts.lag + rollouts.pending + scored.lag
 
 
 def with_rates(previous: QueueSnapshot, current: QueueSnapshot) -> QueueSnapshot:

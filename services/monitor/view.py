@@ -9,12 +9,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import redis
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
 from services.monitor.snapshot import QueueSnapshot, read_snapshot, with_rates
+from services.queue.queues import QueueReader
 
 BAR_WIDTH = 30
 
@@ -25,7 +25,10 @@ def render(snapshot: QueueSnapshot) -> Group:
 
 def _queue_table(snapshot: QueueSnapshot) -> Table:
     when = time.strftime("%H:%M:%S", time.localtime(snapshot.taken_at))
-    table = Table(title=f"queue at {when} — backlog {snapshot.backlog}", title_justify="left")
+    table = Table(
+        title=f"run {snapshot.run}: queue at {when} — backlog {snapshot.backlog}",
+        title_justify="left",
+    )
     for column in ("stream", "length", "group", "consumers", "pending", "lag", "oldest"):
         table.add_column(column, justify="left" if column in ("stream", "group") else "right")
     for group in snapshot.groups:
@@ -90,16 +93,16 @@ def _age(seconds: float | None) -> str:
 
 
 def run_live(
-    client: redis.Redis,
+    reader: QueueReader,
     interval_s: float,
     console: Console,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> None:
     """Refresh until interrupted; rates are taken between consecutive refreshes."""
-    previous = read_snapshot(client)
+    previous = read_snapshot(reader)
     with Live(render(previous), console=console, refresh_per_second=4) as live:
         while not should_stop():
             time.sleep(interval_s)
-            current = read_snapshot(client)
+            current = read_snapshot(reader)
             live.update(render(with_rates(previous, current)))
             previous = current

@@ -11,6 +11,7 @@ import redis
 import redis.asyncio
 
 from services.queue import state
+from services.queue.keys import RunKeys
 from services.queue.runner import Runner
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,23 @@ def _url_or_embedded(url: str | None) -> str:
     return url
 
 
-def clear_run(client: redis.Redis) -> int:
-    """Delete every key of a previous run (a fresh start on a shared Redis)."""
-    return Runner(client).run(state.clear_run())
+def clear_run(client: redis.Redis, run: str) -> int:
+    """Delete every key of a previous run of this name (a fresh start on a shared Redis);
+    other runs' keys are never touched."""
+    return Runner(client).run(state.clear_run(RunKeys(run)))
+
+
+class NoSuchRun(ValueError):
+    """The run to read cannot be told: none, or several, on this Redis."""
+
+
+def pick_run(client: redis.Redis, run: str | None) -> str:
+    """`run` if given, else the only run that has a queue on this Redis."""
+    if run is not None:
+        return run
+    names = Runner(client).run(state.run_names())
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise NoSuchRun("no run has a queue on this Redis yet; start one, or pass --run NAME")
+    raise NoSuchRun(f"this Redis holds several runs ({', '.join(names)}): pass --run NAME")

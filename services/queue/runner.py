@@ -7,11 +7,17 @@ holds the logic and no I/O. `Runner` performs the calls with a blocking `redis.R
 rollout worker, whose event loop must not block on Redis). A Redis error is thrown back
 into the operation at the step that caused it, so an operation may handle the errors it
 expects.
+
+A Redis that is unreachable (restarting, loading its AOF, a network blip) is ridden out
+call by call: each call is retried with backoff for up to `outage_s` before its error is
+thrown. The queue's scripts are written so that a call retried after its reply was lost
+does not count or forward a group twice (services/queue/lua.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
@@ -19,10 +25,25 @@ from typing import Any, TypeVar
 
 import redis
 import redis.asyncio
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+    wait_random,
+)
 
 from services.queue.lua import SCRIPTS
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# A restarting server refuses connections, drops them, or answers LOADING (a subclass of
+# ConnectionError) while it reads its AOF.
+OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+OUTAGE_LOG_EVERY = 10  # attempts: an outage is logged when it starts and then now and then
 
 
 @dataclass(frozen=True)
@@ -63,12 +84,32 @@ def text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class Runner:
-    """Runs operations with a blocking client."""
+def _log_outage(state: RetryCallState) -> None:
+    if state.attempt_number % OUTAGE_LOG_EVERY == 1:
+        error = state.outcome.exception() if state.outcome else None
+        log.warning("Redis unreachable for %.1f s (%s); retrying", state.seconds_since_start, error)
 
-    def __init__(self, client: redis.Redis) -> None:
+
+def _outage_policy(outage_s: float) -> dict[str, Any]:
+    """Backoff from 0.1 s doubling to 2 s, with jitter so that the processes of a run do
+    not all reconnect at once; after `outage_s` the error is raised."""
+    return {
+        "retry": retry_if_exception_type(OUTAGE_ERRORS),
+        "stop": stop_after_delay(outage_s),
+        "wait": wait_exponential(multiplier=0.1, max=2.0) + wait_random(0, 0.1),
+        "before_sleep": _log_outage,
+        "reraise": True,
+    }
+
+
+class Runner:
+    """Runs operations with a blocking client; `outage_s` 0: no retry (a reader that
+    should say at once that Redis is gone)."""
+
+    def __init__(self, client: redis.Redis, outage_s: float = 0.0) -> None:
         self.client = client
         self.scripts = {name: client.register_script(source) for name, source in SCRIPTS.items()}
+        self.retrying = Retrying(**_outage_policy(outage_s))
 
     def run(self, steps: Steps[T]) -> T:
         reply: Any = None
@@ -79,7 +120,7 @@ class Runner:
             except StopIteration as done:
                 return done.value
             try:
-                reply, error = self._perform(call), None
+                reply, error = self.retrying.copy()(self._perform, call), None
             except redis.RedisError as exc:
                 reply, error = None, exc
 
@@ -96,9 +137,10 @@ class Runner:
 class AsyncRunner:
     """Runs operations with a `redis.asyncio` client, on the running event loop."""
 
-    def __init__(self, client: redis.asyncio.Redis) -> None:
+    def __init__(self, client: redis.asyncio.Redis, outage_s: float = 0.0) -> None:
         self.client = client
         self.scripts = {name: client.register_script(source) for name, source in SCRIPTS.items()}
+        self.retrying = AsyncRetrying(**_outage_policy(outage_s))
 
     async def run(self, steps: Steps[T]) -> T:
         reply: Any = None
@@ -109,7 +151,8 @@ class AsyncRunner:
             except StopIteration as done:
                 return done.value
             try:
-                reply, error = await self._perform(call), None
+                # A copy per call: concurrent operations on one loop must not share state.
+                reply, error = await self.retrying.copy()(self._perform, call), None
             except redis.RedisError as exc:
                 reply, error = None, exc
 

@@ -1,5 +1,5 @@
-"""Run-wide state beside the streams: the counters of `rlad:stats` (produced, scored,
-trained, stale, dead), the trainer's progress in `rlad:trainer` (step, policy version and
+"""Run-wide state beside the streams: the run counters (produced, scored, trained, stale,
+dead, replayed), the trainer's progress (step, policy version and
 the staleness histogram of the groups it consumed) and the scorer's latest teacher-call
 latencies. `rlad monitor`, `rlad up` and the accounting tests read these as the one source
 of truth. Every operation is `Steps` (services/queue/runner.py).
@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from services.queue.keys import ROLLOUTS, RUN_KEYS, SCORED, STATS, TEACHER_LATENCY, TRAINER_STATE
+from services.queue.keys import ROLLOUTS, RUNS_PATTERN, SCORED, RunKeys, run_of
 from services.queue.runner import Script, Steps, command, text
 
 LATENCY_SAMPLES = 1000
@@ -25,47 +25,47 @@ class TrainerProgress:
     staleness: dict[int, int]  # groups consumed, by how many versions behind they were
 
 
-def stats() -> Steps[dict[str, int]]:
-    counters = yield command("hgetall", STATS)
+def stats(keys: RunKeys) -> Steps[dict[str, int]]:
+    counters = yield command("hgetall", keys.stats)
     return {text(name): int(value) for name, value in counters.items()}
 
 
-def accounts() -> Steps[dict[str, int]]:
+def accounts(keys: RunKeys) -> Steps[dict[str, int]]:
     """Counters plus what is still in the streams: produced = trained + stale + dead + in queue."""
-    result = yield from stats()
-    result["in_rollouts"] = int((yield command("xlen", ROLLOUTS)))
-    result["in_scored"] = int((yield command("xlen", SCORED)))
+    result = yield from stats(keys)
+    result["in_rollouts"] = int((yield command("xlen", keys.stream(ROLLOUTS))))
+    result["in_scored"] = int((yield command("xlen", keys.stream(SCORED))))
     return result
 
 
-def record_teacher_latency(latency_ms: float) -> Steps[None]:
+def record_teacher_latency(keys: RunKeys, latency_ms: float) -> Steps[None]:
     """Keep the latest `LATENCY_SAMPLES` scorer→teacher call latencies."""
-    yield Script("record_latency", [TEACHER_LATENCY], [round(latency_ms, 2), LATENCY_SAMPLES])
+    yield Script("record_latency", [keys.teacher_latency], [round(latency_ms, 2), LATENCY_SAMPLES])
 
 
-def teacher_latencies() -> Steps[list[float]]:
-    values = yield command("lrange", TEACHER_LATENCY, 0, -1)
+def teacher_latencies(keys: RunKeys) -> Steps[list[float]]:
+    values = yield command("lrange", keys.teacher_latency, 0, -1)
     return [float(value) for value in values]
 
 
-def trainer_version() -> Steps[int]:
+def trainer_version(keys: RunKeys) -> Steps[int]:
     """The policy version the trainer last published (0 before it has)."""
-    version = yield command("hget", TRAINER_STATE, "policy_version")
+    version = yield command("hget", keys.trainer_state, "policy_version")
     return int(version or 0)
 
 
-def publish_trainer_state(step: int, policy_version: int) -> Steps[None]:
+def publish_trainer_state(keys: RunKeys, step: int, policy_version: int) -> Steps[None]:
     state = {"step": step, "policy_version": policy_version, "updated_at": time.time()}
-    yield command("hset", TRAINER_STATE, mapping=state)
+    yield command("hset", keys.trainer_state, mapping=state)
 
 
-def count_staleness(versions_behind: int) -> Steps[None]:
+def count_staleness(keys: RunKeys, versions_behind: int) -> Steps[None]:
     """One more consumed group that was `versions_behind` the trainer's policy."""
-    yield command("hincrby", TRAINER_STATE, f"{STALENESS_PREFIX}{versions_behind}", 1)
+    yield command("hincrby", keys.trainer_state, f"{STALENESS_PREFIX}{versions_behind}", 1)
 
 
-def trainer_progress() -> Steps[TrainerProgress]:
-    raw = yield command("hgetall", TRAINER_STATE)
+def trainer_progress(keys: RunKeys) -> Steps[TrainerProgress]:
+    raw = yield command("hgetall", keys.trainer_state)
     fields = {text(name): text(value) for name, value in raw.items()}
     staleness = {
         int(name.removeprefix(STALENESS_PREFIX)): int(value)
@@ -80,15 +80,25 @@ def trainer_progress() -> Steps[TrainerProgress]:
     )
 
 
-def clear_run() -> Steps[int]:
-    """Delete every key of a previous run; returns how many there were."""
+def clear_run(keys: RunKeys) -> Steps[int]:
+    """Delete every key of this run (a fresh start); other runs' keys are never touched.
+    Returns how many there were."""
+    found = yield from _scan(keys.pattern)
+    if found:
+        yield command("delete", *found)
+    return len(found)
+
+
+def run_names() -> Steps[list[str]]:
+    """The runs that have a queue on this Redis."""
+    return sorted(run_of(text(key)) for key in (yield from _scan(RUNS_PATTERN)))
+
+
+def _scan(pattern: str) -> Steps[list[bytes]]:
     keys: list[bytes] = []
     cursor = 0
     while True:
-        cursor, batch = yield command("scan", cursor, match=RUN_KEYS)
+        cursor, batch = yield command("scan", cursor, match=pattern)
         keys += batch
         if cursor == 0:  # SCAN has been round the whole keyspace
-            break
-    if keys:
-        yield command("delete", *keys)
-    return len(keys)
+            return keys

@@ -1,20 +1,22 @@
 """Redis Streams queue of prompt groups, with at-least-once delivery
 (docs/design.md#queue-semantics).
 
-Streams: `rlad:rollouts` (rollout worker → scorers), `rlad:scored` (scorers → trainer) and
-`rlad:dead` (dead letters with their reason). Each consumer stage is a consumer group, so
-several scorers share one stream and a dead consumer's pending messages are reclaimed with
-XAUTOCLAIM. A message is acknowledged only after the work that used it is durable; one that
-keeps failing (delivered more than `max_deliveries` times) moves to the dead-letter stream.
-Trimming only removes entries that every consumer group has delivered and acknowledged.
+Streams (services/queue/keys.py): rollouts (rollout worker → scorers), scored (scorers →
+trainer) and dead (dead letters with their source and reason). Each consumer stage is a
+consumer group, so several scorers share one stream and a dead consumer's pending messages
+are reclaimed with XAUTOCLAIM. A message is acknowledged only after the work that used it
+is durable; one that keeps failing (delivered more than `max_deliveries` times) moves to the
+dead letters. Trimming only removes entries that every consumer group has delivered and
+acknowledged.
 
-Every operation here is `Steps` (services/queue/runner.py); `GroupQueue` and `AsyncQueue`
-(services/queue/queues.py) run the same ones, blocking or on an event loop.
+Every operation here is `Steps` (services/queue/runner.py) on one run's keys; `GroupQueue`
+and `AsyncQueue` (services/queue/queues.py) run the same ones, blocking or on an event loop.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,10 +26,12 @@ import redis
 from services.common import wire
 from services.common.protocol import RolloutGroup
 from services.config.workers import QueueConfig
-from services.queue.keys import CONSUMER_GROUPS, DEAD, ROLLOUTS, SCORED, STATS, TRAINERS
+from services.queue.keys import CONSUMER_GROUPS, DEAD, ROLLOUTS, SCORED, RunKeys
 from services.queue.runner import Pause, Script, Steps, command, text
 
 log = logging.getLogger(__name__)
+
+STUCK_WARNING_S = 60.0  # a producer waiting this long for room says why, again and again
 
 
 @dataclass
@@ -35,13 +39,14 @@ class Delivery:
     message_id: str
     group: RolloutGroup | None  # None when the payload could not be decoded
     deliveries: int
+    error: str = ""  # why the payload could not be decoded
 
 
-def ensure_groups() -> Steps[None]:
+def ensure_groups(keys: RunKeys) -> Steps[None]:
     """Create each stream with its consumer group (idempotent)."""
     for stream, group in CONSUMER_GROUPS.items():
         try:
-            yield command("xgroup_create", stream, group, id="0", mkstream=True)
+            yield command("xgroup_create", keys.stream(stream), group, id="0", mkstream=True)
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -50,14 +55,16 @@ def ensure_groups() -> Steps[None]:
 # ---------------------------------------------------------------- producing
 
 
-def publish(stream: str, group: RolloutGroup, counter: str | None) -> Steps[str]:
+def publish(keys: RunKeys, stream: str, group: RolloutGroup, counter: str | None) -> Steps[str]:
     """Append a group; `counter` is incremented atomically with it."""
-    new_id = yield Script("publish", [stream, STATS], [wire.encode(group), counter or ""])
+    new_id = yield Script(
+        "publish", [keys.stream(stream), keys.stats], [wire.encode(group), counter or ""]
+    )
     return text(new_id)
 
 
 def forward(
-    source: str, message_id: str, target: str, group: RolloutGroup, counter: str
+    keys: RunKeys, source: str, message_id: str, target: str, group: RolloutGroup, counter: str
 ) -> Steps[str | None]:
     """Acknowledge the source message and publish the processed group atomically.
 
@@ -67,30 +74,60 @@ def forward(
     """
     new_id = yield Script(
         "forward",
-        [source, target, STATS],
+        [keys.stream(source), keys.stream(target), keys.stats],
         [CONSUMER_GROUPS[source], message_id, wire.encode(group), counter],
     )
-    yield from trim(source)
+    yield from trim(keys, source)
     return text(new_id) if new_id else None
 
 
-def backlog() -> Steps[int]:
-    """Groups still waiting for a scorer or the trainer. Groups the trainer already
-    trained on but holds pending until its next checkpoint do not count: they would
-    otherwise stall producers whenever the bound is below one checkpoint interval."""
-    held = yield command("xpending", SCORED, TRAINERS)
-    rollouts = yield command("xlen", ROLLOUTS)
-    scored = yield command("xlen", SCORED)
-    return int(rollouts) + int(scored) - int(held["pending"])
+def backlog(keys: RunKeys, limit: int) -> Steps[int]:
+    """Groups that await a consumer, counted up to `limit`: those not yet delivered to a
+    scorer or being scored, and those scored but not yet delivered to the trainer.
+
+    Neither the groups the trainer holds until its next checkpoint nor the acknowledged
+    entries that stay in a stream behind them (they cannot be trimmed past the oldest held
+    one) count: counting them stalls producers for good once they outnumber `limit`."""
+    rollouts = yield from _group_info(keys, ROLLOUTS)
+    scored = yield from _group_info(keys, SCORED)
+    waiting = int(rollouts["pending"])  # being scored
+    for stream, info in ((ROLLOUTS, rollouts), (SCORED, scored)):
+        undelivered = yield command(
+            "xrange",
+            keys.stream(stream),
+            min=f"({text(info['last-delivered-id'])}",
+            max="+",
+            count=max(limit - waiting, 0) + 1,
+        )
+        waiting += len(undelivered or [])
+    return min(waiting, limit)
+
+
+def _group_info(keys: RunKeys, stream: str) -> Steps[dict[str, Any]]:
+    rows = yield command("xinfo_groups", keys.stream(stream))
+    group = CONSUMER_GROUPS[stream]
+    return next(row for row in rows if text(row["name"]) == group)
 
 
 def wait_for_room(
-    max_backlog: int, poll_s: float, should_stop: Callable[[], bool] | None
+    keys: RunKeys, max_backlog: int, poll_s: float, should_stop: Callable[[], bool] | None
 ) -> Steps[None]:
-    """Wait while the backlog exceeds the bound (backpressure on producers)."""
-    while (yield from backlog()) >= max_backlog:
+    """Wait while `max_backlog` groups await a consumer (backpressure on producers); say so
+    when the wait lasts, since a run whose consumers are gone waits here forever."""
+    started = warned = time.monotonic()
+    while (waiting := (yield from backlog(keys, max_backlog))) >= max_backlog:
         if should_stop is not None and should_stop():
             return
+        if time.monotonic() - warned >= STUCK_WARNING_S:
+            warned = time.monotonic()
+            log.warning(
+                "waiting %.0f s for room: %d groups await a scorer or the trainer "
+                "(queue.max_backlog %d) and none was consumed; check that the scorers and "
+                "the trainer are running (`rlad monitor`)",
+                warned - started,
+                waiting,
+                max_backlog,
+            )
         yield Pause(poll_s)
 
 
@@ -98,100 +135,172 @@ def wait_for_room(
 
 
 def consume(
-    config: QueueConfig, stream: str, consumer: str, count: int, block_ms: int, reclaim: bool
+    keys: RunKeys,
+    config: QueueConfig,
+    stream: str,
+    consumer: str,
+    count: int,
+    block_ms: int,
+    reclaim: bool,
 ) -> Steps[list[Delivery]]:
     """Reclaimed stale pending messages first (unless `reclaim` is off: a consumer that
     holds messages until a checkpoint must not take its own back), then new ones; poison
-    goes to rlad:dead."""
-    group = CONSUMER_GROUPS[stream]
+    goes to the dead letters."""
+    key, group = keys.stream(stream), CONSUMER_GROUPS[stream]
     entries: list[Any] = []
     if reclaim:
         reply = yield command(
-            "xautoclaim", stream, group, consumer, min_idle_time=config.claim_idle_ms, count=count
+            "xautoclaim", key, group, consumer, min_idle_time=config.claim_idle_ms, count=count
         )
         entries = list(reply[1])  # Redis 7 adds a third element (deleted ids); 6.2 not
     if not entries:
         fresh = yield command(
-            "xreadgroup", group, consumer, {stream: ">"}, count=count, block=block_ms
+            "xreadgroup", group, consumer, {key: ">"}, count=count, block=block_ms
         )
         entries = fresh[0][1] if fresh else []
-    deliveries = yield from _deliveries(stream, group, entries)
+    deliveries = yield from _deliveries(keys, stream, entries)
+    return (yield from _live(keys, config, stream, deliveries))
+
+
+def _live(
+    keys: RunKeys, config: QueueConfig, stream: str, deliveries: list[Delivery]
+) -> Steps[list[Delivery]]:
+    """The deliveries worth processing; the undecodable and the too-often-delivered are
+    dead-lettered with their reason."""
     live = []
     for delivery in deliveries:
         if delivery.group is None:
-            yield from dead_letter(stream, delivery.message_id, "payload could not be decoded")
+            reason = f"payload could not be decoded: {delivery.error}"
+            yield from dead_letter(keys, stream, delivery.message_id, reason)
         elif delivery.deliveries > config.max_deliveries:
             reason = f"delivered {delivery.deliveries} times without being acknowledged"
-            yield from dead_letter(stream, delivery.message_id, reason)
+            yield from dead_letter(keys, stream, delivery.message_id, reason)
         else:
             live.append(delivery)
     return live
 
 
-def _deliveries(stream: str, group: str, entries: list[Any]) -> Steps[list[Delivery]]:
+def _deliveries(keys: RunKeys, stream: str, entries: list[Any]) -> Steps[list[Delivery]]:
     """Decode entries and look up how often each was delivered."""
+    key, group = keys.stream(stream), CONSUMER_GROUPS[stream]
     deliveries = []
     for entry in filter(None, entries):
         message_id, fields = text(entry[0]), entry[1]
-        info = yield command("xpending_range", stream, group, message_id, message_id, 1)
+        info = yield command("xpending_range", key, group, message_id, message_id, 1)
         times = int(info[0]["times_delivered"]) if info else 1
         try:
-            payload = wire.decode(fields[b"data"], RolloutGroup)
+            deliveries.append(
+                Delivery(message_id, wire.decode(fields[b"data"], RolloutGroup), times)
+            )
         except Exception as exc:  # any malformed payload is dead-lettered, never retried
-            log.error("undecodable message %s on %s: %s", message_id, stream, exc)
-            payload = None
-        deliveries.append(Delivery(message_id, payload, times))
+            log.error("undecodable message %s on %s: %s", message_id, key, exc)
+            deliveries.append(Delivery(message_id, None, times, error=_one_line(exc)))
     return deliveries
 
 
-def pending_for(stream: str, consumer: str) -> Steps[list[str]]:
+def _one_line(exc: Exception) -> str:
+    """The error on one line, bounded: it is stored with the dead letter."""
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
+
+
+def pending_for(keys: RunKeys, stream: str, consumer: str) -> Steps[list[str]]:
     """Ids delivered to `consumer` and not yet acknowledged (used on resume)."""
-    group = CONSUMER_GROUPS[stream]
-    rows = yield command("xpending_range", stream, group, "-", "+", 10_000, consumername=consumer)
+    rows = yield command(
+        "xpending_range",
+        keys.stream(stream),
+        CONSUMER_GROUPS[stream],
+        "-",
+        "+",
+        10_000,
+        consumername=consumer,
+    )
     return [text(row["message_id"]) for row in rows]
 
 
-def claim(stream: str, consumer: str, message_ids: list[str]) -> Steps[list[Delivery]]:
-    """Take over specific pending messages (a restarted consumer re-reading its own)."""
+def claim(
+    keys: RunKeys, config: QueueConfig, stream: str, consumer: str, message_ids: list[str]
+) -> Steps[list[Delivery]]:
+    """Take over specific pending messages (a restarted consumer re-reading its own). Each
+    claim counts as a delivery, so a message that crashes its consumer every time ends in
+    the dead letters instead of crashing it for ever."""
     if not message_ids:
         return []
-    group = CONSUMER_GROUPS[stream]
-    entries = yield command("xclaim", stream, group, consumer, 0, list(message_ids))
-    return (yield from _deliveries(stream, group, entries))
+    entries = yield command(
+        "xclaim", keys.stream(stream), CONSUMER_GROUPS[stream], consumer, 0, list(message_ids)
+    )
+    deliveries = yield from _deliveries(keys, stream, entries)
+    return (yield from _live(keys, config, stream, deliveries))
 
 
-def ack(stream: str, message_ids: list[str], counter: str | None) -> Steps[int]:
+def ack(keys: RunKeys, stream: str, message_ids: list[str], counter: str | None) -> Steps[int]:
     """Acknowledge; `counter` grows by the number actually acknowledged (atomically)."""
     if not message_ids:
         return 0
     acked = yield Script(
-        "ack", [stream, STATS], [CONSUMER_GROUPS[stream], counter or "", *message_ids]
+        "ack",
+        [keys.stream(stream), keys.stats],
+        [CONSUMER_GROUPS[stream], counter or "", *message_ids],
     )
-    yield from trim(stream)
+    yield from trim(keys, stream)
     return int(acked)
 
 
-def dead_letter(stream: str, message_id: str, reason: str) -> Steps[None]:
-    """Move a message to rlad:dead with its reason (acknowledged and counted atomically)."""
-    yield Script(
-        "dead_letter", [stream, DEAD, STATS], [CONSUMER_GROUPS[stream], message_id, reason]
+def dead_letter(keys: RunKeys, stream: str, message_id: str, reason: str) -> Steps[None]:
+    """Move a message to the dead letters with its reason (acknowledged and counted
+    atomically; a message another consumer already finished is left alone)."""
+    parked = yield Script(
+        "dead_letter",
+        [keys.stream(stream), keys.stream(DEAD), keys.stats],
+        [CONSUMER_GROUPS[stream], message_id, reason, stream],
     )
-    yield from trim(stream)
-    log.warning("dead-lettered %s from %s: %s", message_id, stream, reason)
+    yield from trim(keys, stream)
+    if parked:
+        log.warning("dead-lettered %s from %s: %s", message_id, stream, reason)
 
 
-def trim(stream: str) -> Steps[None]:
+def replay(keys: RunKeys, dead_ids: list[str]) -> Steps[list[str]]:
+    """Put dead letters back on the stream they came from (`rlad dead replay`); returns the
+    ids of those replayed (an id that is not a dead letter is skipped)."""
+    sources = list(CONSUMER_GROUPS)
+    replayed = []
+    for dead_id in dead_ids:
+        new_id = yield Script(
+            "replay",
+            [keys.stream(DEAD), keys.stats, *(keys.stream(s) for s in sources)],
+            [dead_id, *sources],
+        )
+        if new_id:
+            replayed.append(dead_id)
+    return replayed
+
+
+def prune_consumers(keys: RunKeys, stream: str, idle_ms: int, keep: str) -> Steps[list[str]]:
+    """Forget the consumers (other than `keep`) idle for `idle_ms` that hold no message:
+    those of processes that died, whose pending messages were reclaimed by others."""
+    key, group = keys.stream(stream), CONSUMER_GROUPS[stream]
+    pruned = []
+    for consumer in (yield command("xinfo_consumers", key, group)):
+        name = text(consumer["name"])
+        if name == keep or int(consumer["idle"]) < idle_ms:
+            continue
+        if (yield Script("prune_consumer", [key], [group, name])):
+            pruned.append(name)
+    return pruned
+
+
+def trim(keys: RunKeys, stream: str) -> Steps[None]:
     """Drop only entries that every consumer group has delivered and acknowledged."""
+    key = keys.stream(stream)
     floor = None
-    for info in (yield command("xinfo_groups", stream)):
-        summary = yield command("xpending", stream, text(info["name"]))
+    for info in (yield command("xinfo_groups", key)):
+        summary = yield command("xpending", key, text(info["name"]))
         if summary["pending"]:
             bound = text(summary["min"])
         else:
             bound = _next_id(text(info["last-delivered-id"]))
         floor = bound if floor is None else min(floor, bound, key=_id_key)
     if floor is not None:
-        yield command("xtrim", stream, minid=floor, approximate=False)
+        yield command("xtrim", key, minid=floor, approximate=False)
 
 
 def _id_key(message_id: str) -> tuple[int, int]:

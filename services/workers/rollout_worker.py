@@ -1,5 +1,5 @@
 """Rollout worker: prompts from the task → G samples each from the rollout server →
-rewards → one `RolloutGroup` per prompt on `rlad:rollouts`, tagged with the
+rewards → one `RolloutGroup` per prompt on the `rollouts` stream, tagged with the
 `policy_version` that produced it. Waits while the queue backlog is full (backpressure).
 
 Run: `rlad rollout-worker --config configs/tiny-cpu.yaml --rollout-url http://127.0.0.1:8001`.

@@ -1,4 +1,5 @@
-"""Synthetic scored groups for trainer tests: random tokens, fixed logprobs, rewards 0/1."""
+"""Synthetic groups for tests: a small fixed one for the queue, and scored ones for the
+trainer (random tokens, fixed logprobs, rewards 0/1)."""
 
 from __future__ import annotations
 
@@ -29,4 +30,20 @@ def scored_group(index: int, rng: random.Random) -> RolloutGroup:
         policy_version=0,
         prompt_token_ids=prompt,
         completions=completions,
+    )
+
+
+def small_group(i: int, version: int = 0) -> RolloutGroup:
+    """A one-completion group, `g<i>`, as the queue tests pass around."""
+    return RolloutGroup(
+        group_id=f"g{i}",
+        prompt_id=f"p{i}",
+        task="test",
+        policy_version=version,
+        prompt_token_ids=[1, 2, 3],
+        completions=[
+            CompletionRecord(
+                token_ids=[4, 5], rollout_logprobs=[-0.5, -1.25], reward=1.0, finish_reason="stop"
+            )
+        ],
     )

@@ -12,26 +12,12 @@ from typing import Any
 import pytest
 import redis
 
-from services.common.protocol import CompletionRecord, RolloutGroup
 from services.config.workers import QueueConfig
 from services.queue.connection import connect_async, embedded_url, start_embedded_redis
-from services.queue.keys import DEAD, ROLLOUTS, SCORED
+from services.queue.keys import DEAD, ROLLOUTS, SCORED, RunKeys
 from services.queue.queues import AsyncQueue, GroupQueue, QueueReader
 from services.queue.state import LATENCY_SAMPLES
-
-
-def make_group(i: int) -> RolloutGroup:
-    completion = CompletionRecord(
-        token_ids=[4, 5], rollout_logprobs=[-0.5, -1.25], reward=1.0, finish_reason="stop"
-    )
-    return RolloutGroup(
-        group_id=f"g{i}",
-        prompt_id=f"p{i}",
-        task="test",
-        policy_version=0,
-        prompt_token_ids=[1, 2, 3],
-        completions=[completion],
-    )
+from tests.integration.groups import small_group as make_group
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +39,7 @@ def url(request: pytest.FixtureRequest) -> str:
 def run(url: str, config: QueueConfig, body: Callable[[AsyncQueue], Awaitable[None]]) -> None:
     async def main() -> None:
         async with connect_async(url) as client:
-            await body(await AsyncQueue.open(client, config))
+            await body(await AsyncQueue.open(client, "test", config))
 
     asyncio.run(main())
 
@@ -69,7 +55,7 @@ def test_dead_consumer_messages_are_reclaimed(url: str) -> None:
         assert all(d.deliveries == 2 for d in reclaimed)
 
     run(url, QueueConfig(claim_idle_ms=100), body)
-    sync = GroupQueue(redis.Redis.from_url(url))
+    sync = GroupQueue(redis.Redis.from_url(url), "test")
     assert sync.pending_for(ROLLOUTS, "scorer-dead") == []
     assert len(sync.pending_for(ROLLOUTS, "scorer-live")) == 3
 
@@ -86,21 +72,21 @@ def test_forward_acknowledges_and_publishes_once(url: str) -> None:
 
     run(url, QueueConfig(claim_idle_ms=100), body)
     client = redis.Redis.from_url(url)
-    assert QueueReader(client).accounts() == {
+    assert QueueReader(client, "test").accounts() == {
         "produced": 1,
         "scored": 1,
         "in_rollouts": 0,  # acknowledged, so trimmed
         "in_scored": 1,
     }
-    [delivery] = GroupQueue(client).consume(SCORED, "trainer-0", reclaim=False)
+    [delivery] = GroupQueue(client, "test").consume(SCORED, "trainer-0", reclaim=False)
     assert delivery.group == make_group(0)
 
 
 def test_poison_and_undeliverable_messages_become_dead_letters(url: str) -> None:
     poison = b"\xc1 not msgpack"
     client = redis.Redis.from_url(url)
-    GroupQueue(client).publish(ROLLOUTS, make_group(0))
-    client.xadd(ROLLOUTS, {"data": poison})
+    GroupQueue(client, "test").publish(ROLLOUTS, make_group(0))
+    client.xadd(RunKeys("test").stream(ROLLOUTS), {"data": poison})
 
     async def body(queue: AsyncQueue) -> None:
         first = await queue.consume(ROLLOUTS, "s", count=10)
@@ -112,16 +98,16 @@ def test_poison_and_undeliverable_messages_become_dead_letters(url: str) -> None
         assert rejected == []
 
     run(url, QueueConfig(claim_idle_ms=100, max_deliveries=2), body)
-    entries: Any = client.xrange(DEAD)
-    letters = {fields[b"reason"].decode(): fields for _, fields in entries}
+    entries: Any = client.xrange(RunKeys("test").stream(DEAD))
+    letters = {fields[b"reason"].decode().partition(":")[0]: fields for _, fields in entries}
     assert sorted(letters) == [
         "delivered 3 times without being acknowledged",
-        "payload could not be decoded",
+        "payload could not be decoded",  # followed by why
     ]
     undecodable = letters["payload could not be decoded"]
     assert undecodable[b"data"] == poison and undecodable[b"source"] == ROLLOUTS.encode()
-    assert QueueReader(client).stats() == {"dead": 2}
-    assert client.xlen(ROLLOUTS) == 0
+    assert QueueReader(client, "test").stats() == {"dead": 2}
+    assert client.xlen(RunKeys("test").stream(ROLLOUTS)) == 0
 
 
 def test_producers_wait_for_room(url: str) -> None:
@@ -141,7 +127,7 @@ def test_producers_wait_for_room(url: str) -> None:
 
 
 def test_state_is_shared_with_the_blocking_queue(url: str) -> None:
-    GroupQueue(redis.Redis.from_url(url)).publish_trainer_state(step=3, policy_version=7)
+    GroupQueue(redis.Redis.from_url(url), "test").publish_trainer_state(step=3, policy_version=7)
 
     async def body(queue: AsyncQueue) -> None:
         assert await queue.trainer_version() == 7
@@ -149,7 +135,7 @@ def test_state_is_shared_with_the_blocking_queue(url: str) -> None:
             await queue.record_teacher_latency(float(ms))
 
     run(url, QueueConfig(), body)
-    reader = QueueReader(redis.Redis.from_url(url))
+    reader = QueueReader(redis.Redis.from_url(url), "test")
     latencies = reader.teacher_latencies()
     assert len(latencies) == LATENCY_SAMPLES and latencies[0] == LATENCY_SAMPLES + 4
     progress = reader.trainer_progress()

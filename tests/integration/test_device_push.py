@@ -86,7 +86,7 @@ def test_the_trainer_trains_in_bf16_on_the_gpu_and_pushes_through_cuda_ipc(
     server: str,
     zero_stage: int,
 ) -> None:
-    queue = GroupQueue(fresh_redis)
+    queue = GroupQueue(fresh_redis, RUN)
     rng = random.Random(5)
     for i in range(6):
         queue.publish(SCORED, scored_group(i, rng), counter="scored")

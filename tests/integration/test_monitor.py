@@ -29,8 +29,8 @@ from services.config.workers import QueueConfig
 from services.launch.processes import ManagedProcess
 from services.monitor.exporter import create_app
 from services.monitor.snapshot import QueueSnapshot, read_snapshot, with_rates
-from services.queue.keys import DEAD, ROLLOUTS, SCORED, SCORERS, TEACHER_LATENCY, TRAINER_STATE
-from services.queue.queues import GroupQueue
+from services.queue.keys import DEAD, ROLLOUTS, SCORED, SCORERS, RunKeys
+from services.queue.queues import GroupQueue, QueueReader
 
 RLAD = [sys.executable, "-m", "services.cli.main"]
 
@@ -65,7 +65,7 @@ def built_queue(fresh_redis: redis.Redis) -> dict[str, str]:
     takes 3 of the 4 scored: trains 1, drops 1 as stale, holds 1 until its checkpoint.
     Left: rollouts g5 (pending) + g6 (undelivered); scored s2 (pending) + s3 (undelivered).
     Accounts: produced 7 = trained 1 + stale 1 + dead 1 + 2 in rollouts + 2 in scored."""
-    queue = GroupQueue(fresh_redis, QueueConfig())
+    queue = GroupQueue(fresh_redis, "test", QueueConfig())
     ids = [queue.publish(ROLLOUTS, make_group(i), counter="produced") for i in range(7)]
     taken = queue.consume(ROLLOUTS, "scorer-a", count=6, block_ms=100, reclaim=False)
     assert [d.message_id for d in taken] == ids[:6]
@@ -80,10 +80,14 @@ def built_queue(fresh_redis: redis.Redis) -> dict[str, str]:
     queue.ack(SCORED, [trained[0].message_id], counter="trained")
     queue.ack(SCORED, [trained[1].message_id], counter="stale")
     fresh_redis.hset(
-        TRAINER_STATE, mapping={"step": 12, "policy_version": 12, "updated_at": time.time() - 3}
+        RunKeys("test").trainer_state,
+        mapping={"step": 12, "policy_version": 12, "updated_at": time.time() - 3},
     )
-    fresh_redis.hset(TRAINER_STATE, mapping={"staleness_0": 5, "staleness_1": 2, "staleness_3": 1})
-    fresh_redis.lpush(TEACHER_LATENCY, *[float(ms) for ms in range(1, 101)])
+    fresh_redis.hset(
+        RunKeys("test").trainer_state,
+        mapping={"staleness_0": 5, "staleness_1": 2, "staleness_3": 1},
+    )
+    fresh_redis.lpush(RunKeys("test").teacher_latency, *[float(ms) for ms in range(1, 101)])
     return {"oldest_rollout": ids[5], "oldest_scored": scored_ids[2]}
 
 
@@ -99,7 +103,14 @@ def test_once_json_reports_exact_counts(
     assert result.returncode == 0, result.stderr
     snapshot = QueueSnapshot.model_validate(json.loads(result.stdout))
     assert snapshot.streams == {ROLLOUTS: 2, SCORED: 2, DEAD: 1}
-    assert snapshot.counters == {"produced": 7, "scored": 4, "trained": 1, "stale": 1, "dead": 1}
+    assert snapshot.counters == {
+        "produced": 7,
+        "scored": 4,
+        "trained": 1,
+        "stale": 1,
+        "dead": 1,
+        "replayed": 0,
+    }
     rollouts, scored = snapshot.group(ROLLOUTS), snapshot.group(SCORED)
     assert (rollouts.consumers, rollouts.pending, rollouts.lag) == (1, 1, 1)
     assert (scored.consumers, scored.pending, scored.lag) == (1, 1, 1)
@@ -119,17 +130,17 @@ def test_once_json_reports_exact_counts(
     ]
     tables = monitor(redis_url, "--once")
     assert tables.returncode == 0, tables.stderr
-    assert "rlad:rollouts" in tables.stdout and "teacher said 422" in tables.stdout
+    assert "rollouts" in tables.stdout and "teacher said 422" in tables.stdout
 
 
 def test_rates_come_from_two_readings(fresh_redis: redis.Redis) -> None:
-    queue = GroupQueue(fresh_redis, QueueConfig())
-    before = read_snapshot(fresh_redis)
+    queue = GroupQueue(fresh_redis, "test", QueueConfig())
+    before = read_snapshot(QueueReader(fresh_redis, "test"))
     assert before.group(ROLLOUTS).oldest_age_s is None  # nothing waits in an empty queue
     for i in range(6):
         queue.publish(ROLLOUTS, make_group(i), counter="produced")
     time.sleep(0.2)
-    after = with_rates(before, read_snapshot(fresh_redis))
+    after = with_rates(before, read_snapshot(QueueReader(fresh_redis, "test")))
     assert after.rates is not None
     elapsed = after.taken_at - before.taken_at
     assert after.rates["produced"] == pytest.approx(6 / elapsed)
@@ -174,7 +185,7 @@ def test_exporter_reports_an_unreachable_redis() -> None:
     client = redis.Redis(
         host="127.0.0.1", port=free_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)
     )
-    with TestClient(create_app(client)) as http:
+    with TestClient(create_app(client, "test")) as http:
         assert http.get("/health").status_code == 503
         page = http.get("/metrics").text
     assert samples(page)[("rlad_monitor_redis_up", ())] == 0
@@ -211,14 +222,14 @@ class AcksAfterInfo:
 
 
 def test_a_group_acknowledged_mid_reading_is_not_an_error(fresh_redis: redis.Redis) -> None:
-    queue = GroupQueue(fresh_redis, QueueConfig())
+    queue = GroupQueue(fresh_redis, "test", QueueConfig())
     queue.publish(ROLLOUTS, make_group(0), counter="produced")
     queue.consume(ROLLOUTS, "scorer-a", count=1, block_ms=100, reclaim=False)
-    snapshot = read_snapshot(AcksAfterInfo(fresh_redis))  # type: ignore[arg-type]
+    snapshot = read_snapshot(QueueReader(AcksAfterInfo(fresh_redis), "test"))  # type: ignore[arg-type]
     # XINFO saw one pending entry; by XPENDING it was gone, so no age is known for it.
     assert snapshot.group(ROLLOUTS).pending == 1
     assert snapshot.group(ROLLOUTS).oldest_age_s is None
-    assert fresh_redis.xpending(ROLLOUTS, SCORERS)["pending"] == 0
+    assert fresh_redis.xpending(RunKeys("test").stream(ROLLOUTS), SCORERS)["pending"] == 0
 
 
 @pytest.fixture
@@ -243,11 +254,11 @@ def scorer_process(fresh_redis: redis.Redis, redis_url: str, tmp_path: Path) -> 
 def test_counts_while_a_real_scorer_runs(
     scorer_process: None, fresh_redis: redis.Redis, redis_url: str
 ) -> None:
-    queue = GroupQueue(fresh_redis, QueueConfig())
+    queue = GroupQueue(fresh_redis, "monitor-test", QueueConfig())  # the scorer's run
     for i in range(9):
         queue.publish(ROLLOUTS, make_group(i), counter="produced")
     deadline = time.monotonic() + 45
-    while read_snapshot(fresh_redis).counters["scored"] < 9:
+    while read_snapshot(QueueReader(fresh_redis, "monitor-test")).counters["scored"] < 9:
         assert time.monotonic() < deadline, "the scorer did not forward the groups in time"
         time.sleep(0.2)
     result = monitor(redis_url, "--once", "--json")

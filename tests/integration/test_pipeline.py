@@ -105,7 +105,7 @@ def test_pipeline_trains_pushes_and_accounts_for_every_group(
         for proc in running.stack.processes:
             if proc.name in ("rollout-worker", "scorer"):
                 proc.stop()
-        accounts = queue_accounts(redis.Redis.from_url(running.redis_url))
+        accounts = queue_accounts(redis.Redis.from_url(running.redis_url), "e2e")
     settled = sum(accounts.get(k, 0) for k in ("trained", "stale", "dead"))
     assert accounts["produced"] == settled + accounts["in_rollouts"] + accounts["in_scored"], (
         accounts

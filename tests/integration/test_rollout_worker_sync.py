@@ -24,7 +24,7 @@ from services.config.workers import QueueConfig, RolloutWorkerConfig
 from services.launch.processes import ManagedProcess
 from services.launch.up import RLAD
 from services.queue.connection import connect_async
-from services.queue.keys import ROLLOUTS, TRAINER_STATE
+from services.queue.keys import ROLLOUTS, RunKeys
 from services.queue.queues import AsyncQueue, GroupQueue
 from services.tasks import load_task
 from services.workers.rollout_worker import RolloutWorker
@@ -48,17 +48,17 @@ def test_each_synchronous_batch_is_generated_by_the_latest_weights(
         ]
         return GenerateResponse(policy_version=served["version"], results=results)
 
-    queue = GroupQueue(fresh_redis, QueueConfig(max_backlog=100))
+    queue = GroupQueue(fresh_redis, "test", QueueConfig(max_backlog=100))
     config = RolloutWorkerConfig(group_size=2, prompts_per_request=BATCH, synchronous=True)
     task = load_task(KKTaskConfig(people=[2], rendering="compact"))
 
     async def trainer() -> list[tuple[int, list[int]]]:
         await asyncio.sleep(0.2)  # the worker starts first and produces its first batch
-        fresh_redis.hset(TRAINER_STATE, "policy_version", served["version"])
+        fresh_redis.hset(RunKeys("test").trainer_state, "policy_version", served["version"])
         steps = []
         for _ in range(STEPS):
             deadline = asyncio.get_running_loop().time() + 10
-            while fresh_redis.xlen(ROLLOUTS) < BATCH:
+            while fresh_redis.xlen(RunKeys("test").stream(ROLLOUTS)) < BATCH:
                 assert asyncio.get_running_loop().time() < deadline, "no batch arrived"
                 await asyncio.sleep(0.02)
             await asyncio.sleep(0.3)  # a worker running ahead would publish more meanwhile
@@ -68,12 +68,12 @@ def test_each_synchronous_batch_is_generated_by_the_latest_weights(
             versions = [d.group.policy_version for d in batch if d.group is not None]
             steps.append((served["version"], versions))
             served["version"] += 1  # train, push the new weights, publish the new version
-            fresh_redis.hset(TRAINER_STATE, "policy_version", served["version"])
+            fresh_redis.hset(RunKeys("test").trainer_state, "policy_version", served["version"])
         return steps
 
     async def both() -> list[tuple[int, list[int]]]:
         async with connect_async(redis_url) as client:
-            worker_queue = await AsyncQueue.open(client, QueueConfig(max_backlog=100))
+            worker_queue = await AsyncQueue.open(client, "test", QueueConfig(max_backlog=100))
             worker = RolloutWorker(
                 config, worker_queue, generate, task, build_tokenizer(), sync_batch=BATCH
             )
@@ -122,11 +122,17 @@ def test_the_worker_process_waits_for_new_weights_after_a_batch(
         worker = ManagedProcess("worker", [*argv, "--rollout-url", url], tmp_path / "w.log")
         worker.start()
         try:
-            wait_for(lambda: fresh_redis.xlen(ROLLOUTS) >= BATCH, 60, worker)
+            wait_for(
+                lambda: fresh_redis.xlen(RunKeys("sync").stream(ROLLOUTS)) >= BATCH, 60, worker
+            )
             time.sleep(3)  # an asynchronous worker would run on to the backlog bound
-            assert fresh_redis.xlen(ROLLOUTS) == BATCH
-            fresh_redis.hset(TRAINER_STATE, "policy_version", 1)  # as the trainer's push does
-            wait_for(lambda: fresh_redis.xlen(ROLLOUTS) >= 2 * BATCH, 60, worker)
+            assert fresh_redis.xlen(RunKeys("sync").stream(ROLLOUTS)) == BATCH
+            fresh_redis.hset(
+                RunKeys("sync").trainer_state, "policy_version", 1
+            )  # as the trainer's push does
+            wait_for(
+                lambda: fresh_redis.xlen(RunKeys("sync").stream(ROLLOUTS)) >= 2 * BATCH, 60, worker
+            )
         finally:
             worker.stop()
     finally:

@@ -19,7 +19,7 @@ from services.common.runtime import free_port
 from services.common.wire import decode
 from services.config.workers import QueueConfig
 from services.launch.processes import ManagedProcess
-from services.queue.keys import ROLLOUTS, SCORED
+from services.queue.keys import ROLLOUTS, SCORED, RunKeys
 from services.queue.queues import GroupQueue
 
 pytestmark = pytest.mark.slow
@@ -82,6 +82,7 @@ def test_killed_scorer_groups_are_reclaimed_and_scored_once(
     config.write_text(
         yaml.safe_dump(
             {
+                "name": "test",
                 "student": str(tiny_student),
                 "teacher": str(tiny_teacher),
                 "task": {"name": "kk"},
@@ -90,7 +91,7 @@ def test_killed_scorer_groups_are_reclaimed_and_scored_once(
             }
         )
     )
-    queue = GroupQueue(fresh_redis, QueueConfig(claim_idle_ms=1000))
+    queue = GroupQueue(fresh_redis, "test", QueueConfig(claim_idle_ms=1000))
     for i in range(4):
         queue.publish(ROLLOUTS, rollout_group(i), counter="produced")
     doomed = scorer(config, slow_teacher, redis_url, "scorer-doomed", tmp_path)
@@ -100,7 +101,7 @@ def test_killed_scorer_groups_are_reclaimed_and_scored_once(
         assert time.monotonic() < deadline, doomed.tail()
         time.sleep(0.05)
     doomed.kill()  # mid-request: the teacher takes 1.5 s, nothing was forwarded yet
-    assert fresh_redis.xlen(SCORED) == 0
+    assert fresh_redis.xlen(RunKeys("test").stream(SCORED)) == 0
 
     rescuer = scorer(config, slow_teacher, redis_url, "scorer-rescuer", tmp_path)
     try:
@@ -112,7 +113,10 @@ def test_killed_scorer_groups_are_reclaimed_and_scored_once(
     finally:
         rescuer.stop()
     assert queue.pending_for(ROLLOUTS, "scorer-doomed") == []
-    scored = [decode(fields[b"data"], RolloutGroup) for _, fields in fresh_redis.xrange(SCORED)]
+    scored = [
+        decode(fields[b"data"], RolloutGroup)
+        for _, fields in fresh_redis.xrange(RunKeys("test").stream(SCORED))
+    ]
     assert sorted(g.group_id for g in scored) == ["g0", "g1", "g2", "g3"]
     assert queue.stats() == {"produced": 4, "scored": 4}
 

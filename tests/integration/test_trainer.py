@@ -14,7 +14,7 @@ import redis
 from services.queue.keys import SCORED
 from services.queue.queues import GroupQueue
 from tests.integration.groups import scored_group
-from tests.integration.trainer_runs import trained_log, trainer_process, write_config
+from tests.integration.trainer_runs import RUN, trained_log, trainer_process, write_config
 from tests.process_support import wait_for
 
 pytestmark = pytest.mark.slow
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 def test_crash_and_resume_train_every_group_exactly_once(
     tmp_path: Path, tiny_student: Path, redis_url: str, fresh_redis: redis.Redis
 ) -> None:
-    queue = GroupQueue(fresh_redis)
+    queue = GroupQueue(fresh_redis, RUN)
     rng = random.Random(0)
     # Three steps' worth: steps 1-2 are checkpointed, step 3 is trained but not
     # checkpointed when the trainer blocks waiting for a fourth batch and is killed.
@@ -59,7 +59,7 @@ def test_crash_and_resume_train_every_group_exactly_once(
 def test_stale_groups_are_dropped_and_counted(
     tmp_path: Path, tiny_student: Path, redis_url: str, fresh_redis: redis.Redis
 ) -> None:
-    queue = GroupQueue(fresh_redis)
+    queue = GroupQueue(fresh_redis, RUN)
     rng = random.Random(1)
     # The trainer starts at version 0; a group claiming version -3 is 3 versions behind.
     stale = scored_group(99, rng).model_copy(update={"policy_version": -3})

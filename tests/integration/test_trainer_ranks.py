@@ -69,7 +69,7 @@ def test_every_rank_trains_at_rank_0s_version(
     fresh_redis: redis.Redis,
     rollout_url: str,
 ) -> None:
-    queue = GroupQueue(fresh_redis)
+    queue = GroupQueue(fresh_redis, RUN)
     publish(queue, range(8), seed=2)
     config = write_config(
         tmp_path, tiny_student, steps=2, batch_prompts=4, zero_stage=2, **NEVER_STALE
@@ -86,7 +86,7 @@ def test_every_rank_trains_at_rank_0s_version(
     assert queue.stats()["trained"] == 8
     # One push per step, verified by the server; the Redis state says the same version.
     assert served_version(rollout_url) == 2
-    assert QueueReader(fresh_redis).trainer_progress().policy_version == 2
+    assert QueueReader(fresh_redis, RUN).trainer_progress().policy_version == 2
 
 
 def test_a_crash_between_checkpoint_and_acks_trains_every_group_once(
@@ -96,7 +96,7 @@ def test_a_crash_between_checkpoint_and_acks_trains_every_group_once(
     fresh_redis: redis.Redis,
     rollout_url: str,
 ) -> None:
-    queue = GroupQueue(fresh_redis)
+    queue = GroupQueue(fresh_redis, RUN)
     publish(queue, range(4), seed=3)
     # Steps 1-2 take one group per rank each; the checkpoint after step 2 reaches the disk,
     # then both ranks die before acknowledging any group.
@@ -127,4 +127,4 @@ def test_a_crash_between_checkpoint_and_acks_trains_every_group_once(
     # The resumed ranks start from the version the server serves (2) and push 3 first.
     assert versions_by_step(after) == {3: {3}, 4: {4}}
     assert served_version(rollout_url) == 5
-    assert QueueReader(fresh_redis).trainer_progress().policy_version == 5
+    assert QueueReader(fresh_redis, RUN).trainer_progress().policy_version == 5

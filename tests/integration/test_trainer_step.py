@@ -31,7 +31,7 @@ def one_step(
             "trainer": {"micro_batch_tokens": budget, "lr": 1e-3, "steps": 1},
         }
     )
-    trainer = Trainer(run, GroupQueue(client), rollout_urls=[])
+    trainer = Trainer(run, GroupQueue(client, "test"), rollout_urls=[])
     rng = random.Random(7)
     groups = [scored_group(i, rng) for i in range(3)]
     metrics = trainer.train_step(groups)
@@ -75,7 +75,7 @@ def test_a_batch_without_signal_leaves_the_weights_alone(
             "trainer": {"lr": 1e-3},
         }
     )
-    trainer = Trainer(run, GroupQueue(fresh_redis), rollout_urls=[])
+    trainer = Trainer(run, GroupQueue(fresh_redis, "test"), rollout_urls=[])
     rng = random.Random(3)
     assert trainer.train_step([scored_group(i, rng) for i in range(2)])["skipped_update"] == 0
     after_real_step = full_state_dict(trainer.engine, zero_stage=0)
@@ -104,7 +104,7 @@ def test_bf16_with_gradient_checkpointing_matches_the_fp32_step(
                 "trainer": {"dtype": dtype, "gradient_checkpointing": checkpointing, "lr": 1e-3},
             }
         )
-        trainer = Trainer(run, GroupQueue(fresh_redis), rollout_urls=[])
+        trainer = Trainer(run, GroupQueue(fresh_redis, "test"), rollout_urls=[])
         rng = random.Random(11)
         return trainer.train_step([scored_group(i, rng) for i in range(3)])["grad_norm"], trainer
 

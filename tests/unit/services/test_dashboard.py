@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from services.common.runtime import free_port
 from services.config.workers import QueueConfig
 from services.launch.processes import ManagedProcess
-from services.queue.keys import ROLLOUTS, TEACHER_LATENCY, TRAINER_STATE
+from services.queue.keys import ROLLOUTS, RunKeys
 from services.queue.queues import GroupQueue
 from tests.integration.test_monitor import make_group
 
@@ -92,11 +92,14 @@ def exported(
     labelled families carry samples)."""
     client = redis.Redis.from_url(redis_url)
     client.flushdb()
-    queue = GroupQueue(client, QueueConfig())
+    queue = GroupQueue(client, "test", QueueConfig())
     queue.publish(ROLLOUTS, make_group(0), counter="produced")
-    client.hset(TRAINER_STATE, mapping={"step": 1, "policy_version": 1, "updated_at": time.time()})
-    client.hset(TRAINER_STATE, "staleness_0", 1)
-    client.lpush(TEACHER_LATENCY, 12.5)
+    client.hset(
+        RunKeys("test").trainer_state,
+        mapping={"step": 1, "policy_version": 1, "updated_at": time.time()},
+    )
+    client.hset(RunKeys("test").trainer_state, "staleness_0", 1)
+    client.lpush(RunKeys("test").teacher_latency, 12.5)
     tmp = tmp_path_factory.mktemp("servers")
     hf = ("--backend", "hf", "--dtype", "float32")
     servers = [

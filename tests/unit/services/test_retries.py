@@ -205,7 +205,7 @@ def score_pending_group(
 ) -> None:
     async def run() -> None:
         async with connect_async(redis_url) as client:
-            queue = await AsyncQueue.open(client)
+            queue = await AsyncQueue.open(client, "test")
             await queue.publish(ROLLOUTS, rollout_group(), counter="produced")
             scorer = Scorer(ScorerConfig(mode="teacher"), queue, teacher, "scorer-a")
             deliveries = await queue.consume(ROLLOUTS, "scorer-a")
@@ -221,7 +221,7 @@ def test_scorer_retries_while_no_teacher_answers(
     teacher = FlakyTeacher(unavailable=2)
     score_pending_group(redis_url, teacher, should_stop=lambda: False)
     assert teacher.calls == 3
-    queue = GroupQueue(fresh_redis)
+    queue = GroupQueue(fresh_redis, "test")
     assert queue.stats() == {"produced": 1, "scored": 1}
     assert queue.pending_for(ROLLOUTS, "scorer-a") == []
 
@@ -233,7 +233,7 @@ def test_a_stopped_scorer_leaves_the_groups_pending(
     teacher = FlakyTeacher(unavailable=1_000)
     score_pending_group(redis_url, teacher, should_stop=lambda: teacher.calls >= 2)
     assert teacher.calls == 2
-    queue = GroupQueue(fresh_redis)
+    queue = GroupQueue(fresh_redis, "test")
     assert queue.stats() == {"produced": 1}
     assert len(queue.pending_for(ROLLOUTS, "scorer-a")) == 1  # another scorer reclaims it
 
@@ -251,6 +251,6 @@ def test_a_redis_error_while_scoring_leaves_the_group_pending(
 ) -> None:
     with pytest.raises(redis.exceptions.ConnectionError):
         score_pending_group(redis_url, RedisGoneTeacher(unavailable=0), should_stop=lambda: False)
-    queue = GroupQueue(fresh_redis)
+    queue = GroupQueue(fresh_redis, "test")
     assert queue.stats() == {"produced": 1}  # not dead-lettered as a refusal of the teacher
     assert len(queue.pending_for(ROLLOUTS, "scorer-a")) == 1  # redelivered once reclaimed
