@@ -33,7 +33,7 @@ def command(
     from services.common.tokenizer_check import check_compatible
     from services.queue.connection import connect_async
     from services.queue.queues import AsyncQueue
-    from services.workers.scorer import Scorer
+    from services.workers.scorer import Scorer, Stopped, until_stopped
 
     configure_logging("scorer")
     run = load_run(config)
@@ -55,7 +55,13 @@ def command(
             ) as client:
                 if rollout_url:
                     async with RolloutClient([rollout_url], api_key=api_key()) as rollout:
-                        check_compatible(await rollout.info(), await client.info())
+                        try:  # waits for a teacher until its deadline, or a stop
+                            infos = await until_stopped(
+                                asyncio.gather(rollout.info(), client.info()), stop
+                            )
+                        except Stopped:
+                            return
+                        check_compatible(*infos)
                 await Scorer(run.scorer, queue, client, consumer).run(stop)
 
     asyncio.run(main())

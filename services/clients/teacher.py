@@ -8,6 +8,14 @@ per call. Past the deadline `TeacherUnavailable` names every replica and its las
 A background task polls `/health` so that a dead replica is skipped before a request fails
 on it, and a recovered one is used again.
 
+Who is at fault decides the error. Only the input itself (422, or 413 for one sequence
+alone; a larger part refused as too large is split in two and sent again) raises
+`TeacherRequestError`: retrying it cannot help, other inputs can still be scored. Anything
+else (a wrong API key, a URL that serves no teacher, an answer that is not a valid
+`ScoreResponse`, no answer at all) is the teacher's or the deployment's fault and raises
+`TeacherUnavailable`, at once when every replica refused for a reason retrying within
+the call cannot fix; callers wait and retry, and the message says what to fix.
+
     async with TeacherClient(["http://10.0.0.5:8100", "http://10.0.0.6:8100"]) as teacher:
         response = await teacher.score([ScoreSequence(token_ids=ids, start=len(prompt))])
 """
@@ -19,11 +27,12 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import TypeVar
 
 import httpx
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from tenacity import stop_before_delay
 
 from services.clients.replicas import Replica, ReplicaSet, split_batches
@@ -41,18 +50,36 @@ from services.common.tokenizer_check import check_compatible
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 
 class TeacherUnavailable(RuntimeError):
-    """No replica answered before the deadline; the message names each one's last failure."""
+    """No replica scored the request: none answered before the deadline, or each refused it
+    for a reason of its own (see the module docstring). The message names each replica's
+    last failure and what to fix; the same request can succeed once that is fixed."""
 
 
 class TeacherRequestError(RuntimeError):
-    """A server refused the request itself (4xx other than 429): retrying cannot help."""
+    """The teacher refused this input (422, or 413 for a single sequence): retrying it
+    cannot help, other inputs can still be scored."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+# Why a replica refuses a request whatever sequences it carries, and how to fix it.
+_SAME_KEY = f"the client's {API_KEY_ENV} does not match the teacher's: give both the same key"
+_NO_TEACHER = "no teacher API at this URL: check --teacher-url / TEACHER_URLS"
+_OTHER_VERSION = "the teacher cannot read this client's requests: run one rlad version on both"
+REFUSAL_HINTS = {
+    400: _OTHER_VERSION,
+    401: _SAME_KEY,
+    403: _SAME_KEY,
+    404: _NO_TEACHER,
+    405: _NO_TEACHER,
+    415: _OTHER_VERSION,
+}
 
 
 class TeacherClient:
@@ -125,20 +152,7 @@ class TeacherClient:
             raise ValueError("score() needs at least one sequence")
         deadline = time.monotonic() + self.deadline_s
         chunks = split_batches(sequences, self.max_batch_tokens, self.max_batch_sequences)
-        parts = await asyncio.gather(
-            *(self._score_chunk(chunk, top_k, deadline) for chunk in chunks)
-        )
-        revisions = {part.revision for part in parts}
-        if len(revisions) > 1:
-            raise TeacherUnavailable(
-                f"teacher replicas serve different weights (revisions {sorted(revisions)}): "
-                "point the client at replicas of one model"
-            )
-        return ScoreResponse(
-            model=parts[0].model,
-            revision=parts[0].revision,
-            scores=[scores for part in parts for scores in part.scores],
-        )
+        return _merge(await _all(self._score_chunk(chunk, top_k, deadline) for chunk in chunks))
 
     async def info(self) -> ServerInfo:
         """`GET /v1/info` from any healthy replica."""
@@ -151,9 +165,21 @@ class TeacherClient:
     async def _score_chunk(
         self, chunk: list[ScoreSequence], top_k: int, deadline: float
     ) -> ScoreResponse:
+        """Score one request; one refused as too large (the teacher's limits are lower
+        than this client's) is split in two until each part fits or is a single sequence."""
         request = ScoreRequest(sequences=chunk, top_k=top_k)
         body = wire.encode(request) if self.binary else request.model_dump_json().encode()
-        return await self._request("POST", "/v1/score", body, ScoreResponse, deadline)
+        try:
+            return await self._request(
+                "POST", "/v1/score", body, ScoreResponse, deadline, _scores_for(chunk)
+            )
+        except TeacherRequestError as exc:
+            if exc.status != 413 or len(chunk) == 1:
+                raise
+            log.info("teacher refused %d sequences as too large; sending halves", len(chunk))
+        half = len(chunk) // 2
+        halves = (chunk[:half], chunk[half:])
+        return _merge(await _all(self._score_chunk(part, top_k, deadline) for part in halves))
 
     def _unavailable(self, what: str) -> TeacherUnavailable:
         return TeacherUnavailable(
@@ -163,8 +189,16 @@ class TeacherClient:
         )
 
     async def _request(
-        self, method: str, path: str, body: bytes | None, cls: type[M], deadline: float
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        cls: type[M],
+        deadline: float,
+        check: Callable[[M], None] | None = None,
     ) -> M:
+        """The answer of the first replica that gives a valid one (`check` raises
+        `ValueError` on one that does not fit the request)."""
         policy = backoff(
             TransientError,
             stop_before_delay(deadline - time.monotonic()),
@@ -174,19 +208,28 @@ class TeacherClient:
             level=logging.DEBUG,  # only the final `TeacherUnavailable` matters to callers
         )
         try:
-            return await policy(self._round, method, path, body, cls, deadline)
+            return await policy(self._round, method, path, body, cls, deadline, check)
         except TransientError as exc:
             raise self._unavailable(f"{method} {path}") from exc
 
     async def _round(
-        self, method: str, path: str, body: bytes | None, cls: type[M], deadline: float
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        cls: type[M],
+        deadline: float,
+        check: Callable[[M], None] | None,
     ) -> M:
         """One go on each usable replica, least loaded first, failing over at once; the
-        first answer wins. Raises `TransientError` when every one has failed."""
+        first valid answer wins. Raises `TransientError` when every one has failed, or
+        `TeacherUnavailable` when each refused in a way another try cannot fix."""
         assert self._http is not None, "use `async with TeacherClient(...)` or `await start()`"
         content_type = wire.MSGPACK if self.binary else wire.JSON
         headers = {"content-type": content_type, "accept": content_type}
+        what = f"{method} {path}"
         tried: set[str] = set()
+        refused: set[str] = set()
         while (now := time.monotonic()) < deadline:
             replica = self.pool.pick(tried)
             if replica is None:  # every breaker open: wait for the first to half-open
@@ -207,36 +250,55 @@ class TeacherClient:
                 response = None
             finally:
                 replica.outstanding -= 1
-            if response is not None:
-                if response.status_code == 200:
+            if response is not None and response.status_code == 200:
+                try:
+                    answer = _decode(response, cls)
+                    if check is not None:
+                        check(answer)
+                except ValueError as exc:
+                    self.pool.failed(
+                        replica,
+                        f"HTTP 200 with an answer that is not a valid {cls.__name__} "
+                        f"({describe_invalid(exc)}): "
+                        "check that the URL serves an rlad teacher of the client's version",
+                    )
+                    refused.add(replica.url)
+                else:
                     self.pool.succeeded(replica)
-                    return self._decode(response, cls)
-                self._handle_refusal(replica, response, f"{method} {path}")
+                    return answer
+            elif response is not None and self._handle_refusal(replica, response, what):
+                refused.add(replica.url)
             if self.pool.all_tried(tried):
                 break
+        if refused and refused == tried:
+            raise TeacherUnavailable(
+                f"the teacher refuses {what} whatever it carries: fix what its last failure "
+                f"says. Last failure per replica: {self.pool.describe()}"
+            )
         raise TransientError(self.pool.describe())
 
-    def _handle_refusal(self, replica: Replica, response: httpx.Response, what: str) -> None:
-        """Record a non-200 answer; raise at once when retrying elsewhere cannot help."""
+    def _handle_refusal(self, replica: Replica, response: httpx.Response, what: str) -> bool:
+        """Record a non-200 answer. Raise `TeacherRequestError` when the input is at fault;
+        return True when the replica refused in a way that another try cannot fix."""
         try:
             message = ErrorResponse.model_validate_json(response.content).error.message
         except ValueError:
             message = response.text[:200]
         reason = f"HTTP {response.status_code}: {message}"
         status = response.status_code
+        if status in (413, 422):
+            raise TeacherRequestError(status, f"{replica.url} refused {what}: {reason}")
         if status in (429, 503):
             retry_after = response.headers.get("retry-after", "1")
             busy = float(retry_after) if retry_after.replace(".", "", 1).isdigit() else 1.0
             self.pool.busy(replica, reason, min(busy, self.max_backoff_s))
-        elif status >= 500 or status in (404, 408):
+            return False
+        if status >= 500 or status == 408:
             self.pool.failed(replica, reason)
-        else:
-            raise TeacherRequestError(status, f"{replica.url} refused {what}: {reason}")
-
-    def _decode(self, response: httpx.Response, cls: type[M]) -> M:
-        if response.headers.get("content-type", "").startswith(wire.MSGPACK):
-            return wire.decode(response.content, cls)
-        return cls.model_validate_json(response.content)
+            return False
+        hint = REFUSAL_HINTS.get(status, "see the teacher's log")
+        self.pool.failed(replica, f"{reason}: {hint}")
+        return True
 
     async def _health_loop(self) -> None:
         assert self._http is not None
@@ -255,6 +317,65 @@ class TeacherClient:
         except httpx.HTTPError as exc:
             healthy, reason = False, f"health check: {type(exc).__name__}: {exc}".rstrip(": ")
         self.pool.health(replica, healthy, reason, hold_s=self.health_interval_s)
+
+
+async def _all(calls: Iterable[Awaitable[T]]) -> list[T]:
+    """Await every call concurrently; the first failure cancels the others, so that no
+    orphaned request keeps a replica busy after its result can no longer be used."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()  # a no-op on the finished ones
+
+
+def _merge(parts: list[ScoreResponse]) -> ScoreResponse:
+    """The answers to consecutive parts of one request, as one answer."""
+    revisions = {part.revision for part in parts}
+    if len(revisions) > 1:
+        raise TeacherUnavailable(
+            f"teacher replicas serve different weights (revisions {sorted(revisions)}): "
+            "point the client at replicas of one model"
+        )
+    return ScoreResponse(
+        model=parts[0].model,
+        revision=parts[0].revision,
+        scores=[scores for part in parts for scores in part.scores],
+    )
+
+
+def _scores_for(chunk: list[ScoreSequence]) -> Callable[[ScoreResponse], None]:
+    """A check that an answer holds one logprob per scored token of every sequence."""
+
+    def check(response: ScoreResponse) -> None:
+        if len(response.scores) != len(chunk):
+            raise ValueError(f"{len(response.scores)} scores for {len(chunk)} sequences")
+        for index, (seq, scores) in enumerate(zip(chunk, response.scores, strict=True)):
+            if len(scores.logprobs) != len(seq.token_ids) - seq.start:
+                raise ValueError(
+                    f"scores[{index}] has {len(scores.logprobs)} logprobs for "
+                    f"{len(seq.token_ids) - seq.start} scored tokens"
+                )
+
+    return check
+
+
+def describe_invalid(exc: ValueError) -> str:
+    """One line on why a model could not be built: a pydantic error's first problem."""
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "body"
+    more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
+    return f"{where}: {first['msg']}{more}"
+
+
+def _decode(response: httpx.Response, cls: type[M]) -> M:
+    """Raises `ValueError` (a pydantic or wire error) on a body that is not a valid `cls`."""
+    if response.headers.get("content-type", "").startswith(wire.MSGPACK):
+        return wire.decode(response.content, cls)
+    return cls.model_validate_json(response.content)
 
 
 async def verify_tokenizers(

@@ -1,36 +1,81 @@
 """Scorer: consumes rollout groups, adds the teacher's logprob of every completion token
 (through `TeacherClient`, balanced over all teacher replicas) and forwards the scored group
-to `rlad:scored`, acknowledging the source in the same transaction.
+to the `scored` stream, acknowledging the source in the same transaction. `passthrough` mode
+forwards groups unscored (plain GRPO).
 
-When every teacher is down the scorer keeps the messages pending and retries with backoff
-(services/clients/retry.py; the trainer waits, nothing is lost). A message the teacher
-rejects as invalid is dead-lettered with the reason. `passthrough` mode forwards groups
-unscored (plain GRPO).
+A failure costs only the groups at fault:
+
+- The teacher refuses a batch as invalid input (`TeacherRequestError`): the batch is
+  scored again in halves, down to single groups; a group refused on its own is
+  dead-lettered with the teacher's reason, the others are forwarded.
+- No teacher can score (`TeacherUnavailable`: all down, a wrong API key, a URL that serves
+  no teacher, a garbled answer): the groups stay pending and the scorer retries with
+  backoff (services/clients/retry.py), logging an ERROR that says what to fix; the trainer
+  waits, nothing is lost.
+- Anything else (a bug): nothing is dead-lettered. The groups stay pending, are delivered
+  again after `queue.claim_idle_ms` and then scored one at a time, so that the queue's
+  `queue.max_deliveries` bound parks only a group that keeps failing. A Redis error stops
+  the scorer, the groups pending.
+
+Every `PRUNE_EVERY_S` a scorer forgets the consumers of gone scorers that hold no message
+(they would otherwise pile up with every restart).
+
+SIGTERM/SIGINT stops a scorer within `STOP_POLL_S`, even mid-call or mid-backoff; its
+unfinished groups stay pending for another scorer.
 
 Run: `rlad scorer --config configs/tiny-cpu.yaml --teacher-url http://127.0.0.1:8002`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
+from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from services.clients.retry import backoff
-from services.clients.teacher import TeacherUnavailable
-from services.common.protocol import RolloutGroup, ScoreSequence
+from services.clients.teacher import (
+    TeacherRequestError,
+    TeacherUnavailable,
+    describe_invalid,
+)
+from services.common.protocol import CompletionRecord, RolloutGroup, ScoreSequence
 from services.config.workers import ScorerConfig
 from services.queue.keys import ROLLOUTS, SCORED
 from services.queue.queues import AsyncQueue
 from services.queue.streams import Delivery
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TEACHER_RETRY_S = 1.0  # the first wait once no teacher answers; it doubles up to the max
 TEACHER_RETRY_MAX_S = 30.0
+STOP_POLL_S = 0.2  # how often work in progress checks whether to stop
+PRUNE_EVERY_S = 60.0
+
+
+class Stopped(Exception):
+    """Asked to stop before the work finished; whatever it held stays pending."""
+
+
+async def until_stopped(work: Awaitable[T], should_stop: Callable[[], bool]) -> T:
+    """Await `work`, cancelling it and raising `Stopped` once `should_stop()` says so: a
+    teacher call may last until its deadline and a backoff wait up to a minute, neither
+    of which may hold up a stop."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not should_stop():
+            done, _ = await asyncio.wait({task}, timeout=STOP_POLL_S)
+            if done:
+                return task.result()
+        raise Stopped
+    finally:
+        task.cancel()  # a no-op once it finished
+        await asyncio.wait({task})
 
 
 class Scorer:
@@ -54,10 +99,7 @@ class Scorer:
         for group in groups:
             for completion in group.completions:
                 if completion.token_ids:
-                    ids = group.prompt_token_ids + completion.token_ids
-                    sequences.append(
-                        ScoreSequence(token_ids=ids, start=len(group.prompt_token_ids))
-                    )
+                    sequences.append(_sequence(group, completion))
                     targets.append(completion)
                 else:
                     completion.teacher_logprobs = []
@@ -65,35 +107,60 @@ class Scorer:
             return
         started = time.perf_counter()
         response = await self.teacher.score(sequences)  # type: ignore[union-attr]
-        await self.queue.record_teacher_latency((time.perf_counter() - started) * 1000)
+        await self._record_latency((time.perf_counter() - started) * 1000)
         for completion, scores in zip(targets, response.scores, strict=True):
             completion.teacher_logprobs = scores.logprobs
         for group in groups:
             group.teacher_revision = response.revision
 
+    async def _record_latency(self, latency_ms: float) -> None:
+        """Best effort: the latency only feeds `rlad monitor`, so failing to record it must
+        neither hold up nor cost the groups just scored."""
+        try:
+            await self.queue.record_teacher_latency(latency_ms)
+        except Exception as exc:
+            log.warning("teacher latency not recorded (%s); the groups go on regardless", exc)
+
+    async def _score_or_refuse(self, deliveries: list[Delivery]) -> dict[str, str]:
+        """Score the groups in place. When the teacher refuses the batch as invalid input,
+        score each half alone, down to single groups: returns the reason for each group
+        refused on its own, by message id."""
+        try:
+            await self.score_groups([_group(d) for d in deliveries])
+            return {}
+        except TeacherRequestError as exc:
+            if len(deliveries) == 1:
+                return {deliveries[0].message_id: str(exc)}
+            log.warning(
+                "the teacher refused a batch of %d groups (%s); scoring each half alone",
+                len(deliveries),
+                exc,
+            )
+        half = len(deliveries) // 2
+        refused = await self._score_or_refuse(deliveries[:half])
+        return refused | await self._score_or_refuse(deliveries[half:])
+
     async def process(self, deliveries: list[Delivery]) -> None:
-        groups = [d.group for d in deliveries if d.group is not None]
-        if self.config.mode == "teacher":
-            try:
-                await self.score_groups(groups)
-            except (TeacherUnavailable, RedisError):
-                raise  # no teacher answered, or Redis went away: the groups stay pending
-            except Exception as exc:  # the teacher refused this input: park it with the reason
-                reason = f"scoring failed: {exc}"
-                for delivery in deliveries:
-                    await self.queue.dead_letter(ROLLOUTS, delivery.message_id, reason)
-                return
+        """Score (in teacher mode) and forward a batch, dead-lettering only the groups the
+        teacher refuses on their own. Any error leaves the unfinished groups pending."""
+        refused = await self._score_or_refuse(deliveries) if self.config.mode == "teacher" else {}
         now = time.time()
-        for delivery, group in zip(deliveries, groups, strict=True):
+        for delivery in deliveries:
+            if delivery.message_id in refused:
+                await self.queue.dead_letter(
+                    ROLLOUTS, delivery.message_id, refused[delivery.message_id]
+                )
+                continue
+            group = _group(delivery)
             group.timestamps["scored"] = now
             await self.queue.forward(ROLLOUTS, delivery.message_id, SCORED, group, counter="scored")
 
     async def process_until_done(
         self, deliveries: list[Delivery], should_stop: Callable[[], bool]
     ) -> None:
-        """Retry while no teacher answers, until stopped; the messages stay pending
+        """Retry while no teacher can score, until stopped; the messages stay pending
         meanwhile, and if another scorer reclaims and forwards them first, our forward is a
-        no-op."""
+        no-op. An unexpected error is logged and leaves them pending too (module docstring)."""
         policy = backoff(
             TeacherUnavailable,
             lambda _: should_stop(),
@@ -103,18 +170,71 @@ class Scorer:
             level=logging.ERROR,
         )
         try:
-            await policy(self.process, deliveries)
-        except TeacherUnavailable:  # stopping: the groups stay pending for another scorer
-            log.warning("stopped with %d groups unscored", len(deliveries))
+            await until_stopped(policy(self.process, deliveries), should_stop)
+        except (Stopped, TeacherUnavailable):  # stopping
+            log.warning(
+                "stopped with %d groups unscored; they stay pending for another scorer",
+                len(deliveries),
+            )
+        except RedisError:
+            raise  # Redis went away: nothing can be forwarded, the groups stay pending
+        except Exception:
+            log.exception(
+                "scoring %d groups failed unexpectedly; they stay pending and are delivered "
+                "again after queue.claim_idle_ms, then one at a time (a group that keeps "
+                "failing is dead-lettered after queue.max_deliveries)",
+                len(deliveries),
+            )
+
+    async def prune_gone_consumers(self) -> None:
+        try:
+            gone = await self.queue.prune_consumers(ROLLOUTS, keep=self.consumer)
+        except RedisError as exc:  # housekeeping: the next round will do
+            log.warning("could not prune gone consumers: %s", exc)
+            return
+        if gone:
+            log.info("forgot %d gone scorer consumers: %s", len(gone), ", ".join(gone))
 
     async def run(self, should_stop: Callable[[], bool]) -> int:
         done = 0
+        pruned_at = -PRUNE_EVERY_S
         while not should_stop():
+            if time.monotonic() - pruned_at >= PRUNE_EVERY_S:
+                pruned_at = time.monotonic()
+                await self.prune_gone_consumers()
             deliveries = await self.queue.consume(
                 ROLLOUTS, self.consumer, self.config.batch_groups, 500
             )
-            if deliveries:
-                await self.process_until_done(deliveries, should_stop)
-                done += len(deliveries)
+            for batch in _batches(deliveries):
+                if should_stop():
+                    break
+                await self.process_until_done(batch, should_stop)
+            done += len(deliveries)
         log.info("scorer %s stopping after %d groups", self.consumer, done)
         return done
+
+
+def _batches(deliveries: list[Delivery]) -> list[list[Delivery]]:
+    """One batch, unless these were delivered before (their batch failed, or its scorer
+    died): then one group at a time, so that a group that keeps failing fails alone."""
+    if any(d.deliveries > 1 for d in deliveries):
+        return [[delivery] for delivery in deliveries]
+    return [deliveries] if deliveries else []
+
+
+def _group(delivery: Delivery) -> RolloutGroup:
+    assert delivery.group is not None, "consume() dead-letters undecodable messages"
+    return delivery.group
+
+
+def _sequence(group: RolloutGroup, completion: CompletionRecord) -> ScoreSequence:
+    """Prompt + completion, scored from the completion on. A group that cannot form a
+    valid request (an empty prompt, say) is refused here as the teacher would refuse it."""
+    try:
+        return ScoreSequence(
+            token_ids=group.prompt_token_ids + completion.token_ids,
+            start=len(group.prompt_token_ids),
+        )
+    except ValidationError as exc:
+        message = f"cannot be sent to the teacher: {describe_invalid(exc)}"
+        raise TeacherRequestError(422, message) from exc

@@ -1,14 +1,18 @@
 """The retry policy shared by the clients and the scorer (services/clients/retry.py).
 
 `RolloutClient` and `TeacherClient` against a scripted server on loopback: a 503 is
-retried and the 200 after it returned, a 400 is raised at once, a server that refuses
-connections is given up at the deadline. The scorer retries while no teacher answers and
-leaves the groups pending when it is stopped.
+retried and the 200 after it returned, a refusal is raised at once (the teacher's as
+`TeacherRequestError` only when the input is at fault), a server that refuses connections
+is given up at the deadline. The scorer retries while no teacher can score, leaves the
+groups pending when it is stopped (even mid-call) or hits an unexpected error, and then
+retries them one at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -33,9 +37,10 @@ from services.common.protocol import (
     SequenceScores,
 )
 from services.common.runtime import free_port
-from services.config.workers import ScorerConfig
+from services.common.wire import decode
+from services.config.workers import QueueConfig, ScorerConfig
 from services.queue.connection import connect_async
-from services.queue.keys import ROLLOUTS
+from services.queue.keys import DEAD, ROLLOUTS, RunKeys
 from services.queue.queues import AsyncQueue, GroupQueue
 from services.workers import scorer as scorer_module
 from services.workers.scorer import Scorer
@@ -151,16 +156,80 @@ def test_teacher_client_retries_a_503() -> None:
     asyncio.run(run())
 
 
-def test_teacher_client_does_not_retry_a_400() -> None:
+def test_teacher_client_does_not_retry_an_invalid_input() -> None:
     async def run() -> None:
         async with (
-            ScriptedServer([400], SCORED) as server,
+            ScriptedServer([422], SCORED) as server,
             TeacherClient([server.url], backoff_s=0.01, health_interval_s=0) as client,
         ):
-            with pytest.raises(TeacherRequestError, match="HTTP 400: scripted 400") as caught:
+            with pytest.raises(TeacherRequestError, match="HTTP 422: scripted 422") as caught:
                 await client.score([ScoreSequence(token_ids=[1, 2], start=1)])
-            assert caught.value.status == 400
+            assert caught.value.status == 422
             assert client.replicas[0].failures == 0
+        assert server.requests == ["/v1/score"]
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    ("status", "hint"),
+    [
+        (400, "the teacher cannot read this client's requests: run one rlad version on both"),
+        (401, "the client's RLAD_API_KEY does not match the teacher's: give both the same key"),
+        (403, "the client's RLAD_API_KEY does not match the teacher's: give both the same key"),
+        (404, "no teacher API at this URL: check --teacher-url / TEACHER_URLS"),
+        (405, "no teacher API at this URL: check --teacher-url / TEACHER_URLS"),
+        (418, "see the teacher's log"),
+    ],
+)
+def test_teacher_client_reports_a_teacher_that_refuses_any_input_as_unavailable(
+    status: int, hint: str
+) -> None:
+    async def run() -> None:
+        async with (
+            ScriptedServer([status], SCORED) as server,
+            TeacherClient([server.url], backoff_s=0.01, health_interval_s=0) as client,
+        ):
+            began = time.monotonic()
+            with pytest.raises(TeacherUnavailable) as caught:
+                await client.score([ScoreSequence(token_ids=[1, 2], start=1)])
+            assert time.monotonic() - began < 5.0  # at once, not at the 60 s deadline
+        assert f"{server.url}: HTTP {status}: scripted {status}: {hint}" in str(caught.value)
+        assert server.requests == ["/v1/score"]
+
+    asyncio.run(run())
+
+
+PAIR = ScoreSequence(token_ids=[1, 2], start=1)
+
+
+@pytest.mark.parametrize(
+    ("body", "request_", "why"),
+    [
+        (
+            GENERATED,
+            [PAIR],
+            "not a valid ScoreResponse (model: Field required (and 4 more problems))",
+        ),
+        (SCORED, [PAIR, PAIR], "not a valid ScoreResponse (1 scores for 2 sequences)"),
+        (
+            SCORED,
+            [ScoreSequence(token_ids=[1, 2, 3], start=1)],
+            "not a valid ScoreResponse (scores[0] has 1 logprobs for 2 scored tokens)",
+        ),
+    ],
+    ids=["not-a-score-response", "too-few-scores", "too-few-logprobs"],
+)
+def test_teacher_client_reports_a_garbled_answer_as_unavailable(
+    body: BaseModel, request_: list[ScoreSequence], why: str
+) -> None:
+    async def run() -> None:
+        async with (
+            ScriptedServer([], body) as server,
+            TeacherClient([server.url], backoff_s=0.01, health_interval_s=0) as client,
+        ):
+            with pytest.raises(TeacherUnavailable, match=re.escape(why)):
+                await client.score(request_)
         assert server.requests == ["/v1/score"]
 
     asyncio.run(run())
@@ -200,18 +269,26 @@ def rollout_group() -> RolloutGroup:
     )
 
 
+async def score_pending(
+    redis_url: str,
+    teacher: object,
+    should_stop: Callable[[], bool],
+    groups: int = 1,
+) -> None:
+    """Publish `groups` groups and have one scorer take and score them as one batch."""
+    async with connect_async(redis_url) as client:
+        queue = await AsyncQueue.open(client, "test")
+        for _ in range(groups):
+            await queue.publish(ROLLOUTS, rollout_group(), counter="produced")
+        scorer = Scorer(ScorerConfig(mode="teacher"), queue, teacher, "scorer-a")
+        deliveries = await queue.consume(ROLLOUTS, "scorer-a", count=groups)
+        await scorer.process_until_done(deliveries, should_stop)
+
+
 def score_pending_group(
     redis_url: str, teacher: FlakyTeacher, should_stop: Callable[[], bool]
 ) -> None:
-    async def run() -> None:
-        async with connect_async(redis_url) as client:
-            queue = await AsyncQueue.open(client, "test")
-            await queue.publish(ROLLOUTS, rollout_group(), counter="produced")
-            scorer = Scorer(ScorerConfig(mode="teacher"), queue, teacher, "scorer-a")
-            deliveries = await queue.consume(ROLLOUTS, "scorer-a")
-            await scorer.process_until_done(deliveries, should_stop)
-
-    asyncio.run(run())
+    asyncio.run(score_pending(redis_url, teacher, should_stop))
 
 
 def test_scorer_retries_while_no_teacher_answers(
@@ -254,3 +331,103 @@ def test_a_redis_error_while_scoring_leaves_the_group_pending(
     queue = GroupQueue(fresh_redis, "test")
     assert queue.stats() == {"produced": 1}  # not dead-lettered as a refusal of the teacher
     assert len(queue.pending_for(ROLLOUTS, "scorer-a")) == 1  # redelivered once reclaimed
+
+
+def stop_after(seconds: float) -> Callable[[], bool]:
+    began = time.monotonic()
+    return lambda: time.monotonic() > began + seconds
+
+
+def test_a_garbled_teacher_answer_leaves_the_groups_pending(
+    fresh_redis: redis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(scorer_module, "TEACHER_RETRY_S", 0.01)
+
+    async def run() -> None:
+        async with (
+            ScriptedServer([], GENERATED) as server,  # 200, but no ScoreResponse
+            TeacherClient([server.url], backoff_s=0.01, health_interval_s=0) as client,
+        ):
+            await score_pending(redis_url, client, stop_after(0.5), groups=4)
+        assert len(server.requests) > 1  # retried
+
+    asyncio.run(run())
+    queue = GroupQueue(fresh_redis, "test")
+    assert queue.stats() == {"produced": 4}  # nothing dead-lettered
+    assert len(queue.pending_for(ROLLOUTS, "scorer-a")) == 4
+
+
+def test_a_failure_to_record_the_latency_costs_no_group(
+    fresh_redis: redis.Redis, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    fresh_redis.set(
+        RunKeys("test").teacher_latency, "not a list"
+    )  # every write to it fails (WRONGTYPE)
+    with caplog.at_level(logging.WARNING, logger=scorer_module.__name__):
+        asyncio.run(score_pending(redis_url, FlakyTeacher(0), lambda: False, groups=2))
+    queue = GroupQueue(fresh_redis, "test")
+    assert queue.stats() == {"produced": 2, "scored": 2}
+    assert "teacher latency not recorded" in caplog.text and "WRONGTYPE" in caplog.text
+
+
+class HangingTeacher(FlakyTeacher):
+    """Never answers within the test: a teacher call that runs until its deadline."""
+
+    async def score(self, sequences: list[ScoreSequence]) -> ScoreResponse:
+        self.calls += 1
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+
+def test_a_stop_interrupts_a_teacher_call_and_leaves_the_groups_pending(
+    fresh_redis: redis.Redis, redis_url: str
+) -> None:
+    teacher = HangingTeacher(unavailable=0)
+    began = time.monotonic()
+    asyncio.run(asyncio.wait_for(score_pending(redis_url, teacher, stop_after(0.3)), 10))
+    assert time.monotonic() - began < 3.0
+    assert teacher.calls == 1
+    queue = GroupQueue(fresh_redis, "test")
+    assert queue.stats() == {"produced": 1}
+    assert len(queue.pending_for(ROLLOUTS, "scorer-a")) == 1
+
+
+class BuggyTeacher(FlakyTeacher):
+    """Scores any batch without token 66, and fails like a bug on one with it."""
+
+    async def score(self, sequences: list[ScoreSequence]) -> ScoreResponse:
+        if any(66 in s.token_ids for s in sequences):
+            raise KeyError("a bug")
+        return await super().score(sequences)
+
+
+def test_an_unexpected_error_leaves_the_batch_pending_and_then_fails_alone(
+    fresh_redis: redis.Redis, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    queue = GroupQueue(fresh_redis, "test")
+    config = QueueConfig(claim_idle_ms=100, max_deliveries=2)
+    bad = rollout_group()
+    bad.group_id, bad.prompt_token_ids = "bad", [66, 2, 3]
+
+    def done() -> bool:
+        stats = queue.stats()
+        return stats.get("scored", 0) + stats.get("dead", 0) == 3
+
+    async def run() -> None:
+        async with connect_async(redis_url) as client:
+            aqueue = await AsyncQueue.open(client, "test", config)
+            for group in (rollout_group(), bad, rollout_group()):
+                await aqueue.publish(ROLLOUTS, group, counter="produced")
+            scorer = Scorer(ScorerConfig(batch_groups=3), aqueue, BuggyTeacher(0), "scorer-a")
+            deadline = time.monotonic() + 20
+            await scorer.run(lambda: done() or time.monotonic() > deadline)
+
+    with caplog.at_level(logging.ERROR, logger=scorer_module.__name__):
+        asyncio.run(run())
+    # The first failure parked nothing: the batch was delivered again, one group at a
+    # time, and only the group that kept failing was parked, by the delivery bound.
+    assert queue.stats() == {"produced": 3, "scored": 2, "dead": 1}
+    (letter,) = fresh_redis.xrange(RunKeys("test").stream(DEAD))
+    assert decode(letter[1][b"data"], RolloutGroup).group_id == "bad"
+    assert letter[1][b"reason"] == b"delivered 3 times without being acknowledged"
+    assert "scoring 3 groups failed unexpectedly; they stay pending" in caplog.text

@@ -133,6 +133,26 @@ def test_invalid_request_is_not_retried_and_says_why(replicas: list[ThreadedServ
     asyncio.run(run())
 
 
+def test_a_request_over_the_teachers_limit_is_split_and_a_lone_sequence_refused(
+    hf_config: TeacherServerConfig, hf_engine: HFTeacherEngine, reference: Reference
+) -> None:
+    small = hf_config.model_copy(update={"max_request_tokens": 64, "cache_bytes": 0})
+    sequences = random_sequences(8, seed=100, min_len=16, max_len=24)  # over 64 tokens
+    with ThreadedServer(small, hf_engine) as server:
+
+        async def run() -> None:
+            async with TeacherClient([server.url], health_interval_s=0) as client:
+                response = await client.score(sequences)  # sent in halves until each fits
+                for seq, scores in zip(sequences, response.scores, strict=True):
+                    assert_logprobs_close(scores.logprobs, reference.logprobs(seq))
+                too_long = random_sequences(1, seed=101, min_len=80, max_len=100)
+                with pytest.raises(TeacherRequestError, match="HTTP 413") as caught:
+                    await client.score(too_long)
+                assert caught.value.status == 413
+
+        asyncio.run(run())
+
+
 def test_api_key_is_sent_as_a_bearer_token(
     replicas: list[ThreadedServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -142,7 +162,7 @@ def test_api_key_is_sent_as_a_bearer_token(
         async with TeacherClient([replicas[0].url], health_interval_s=0) as client:  # from env
             assert (await client.score(random_sequences(1, seed=70))).scores
         async with TeacherClient([replicas[0].url], api_key="wrong", health_interval_s=0) as c:
-            with pytest.raises(TeacherRequestError, match="HTTP 401"):
+            with pytest.raises(TeacherUnavailable, match=r"HTTP 401: .* give both the same key"):
                 await c.score(random_sequences(1, seed=70))
 
     asyncio.run(run())
