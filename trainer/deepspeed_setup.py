@@ -3,6 +3,9 @@ for the student, and full-weight gathering for pushes and exports at any ZeRO st
 
 A single process started without a launcher gets the environment a launcher would give it
 (rank 0 of 1, loopback rendezvous), so `rlad train` runs alone or under `deepspeed`/`torchrun`.
+The rendezvous store takes unauthenticated connections: a rank 0 that hosts it on a
+loopback `MASTER_ADDR` listens on that address alone, where torch's own store would listen
+on every interface; a non-loopback `MASTER_ADDR` (several nodes) keeps torch's store.
 DeepSpeed's accelerator (`DS_ACCELERATOR`, or what it detects) decides the device: every
 tensor the trainer makes goes to `engine.device`, which is also where NCCL wants the
 tensors of a collective.
@@ -10,12 +13,15 @@ tensors of a collective.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
-from services.common.runtime import free_port
 from services.config.trainer import TrainerConfig
 from trainer.weight_buckets import iter_buckets, plan
 
@@ -35,22 +41,58 @@ def on_gpu() -> bool:
 
 def init_distributed() -> tuple[int, int]:
     """Returns (rank, world_size); on a GPU, binds this process to GPU `LOCAL_RANK`."""
+    listener = None
     if "WORLD_SIZE" not in os.environ:
+        listener = _listen("127.0.0.1", 0)  # a free port, held from now on
+        port = listener.getsockname()[1]
         os.environ.update(
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(free_port()),
-            RANK="0",
-            LOCAL_RANK="0",
-            WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
         )
     import deepspeed
 
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    backend = "nccl" if on_gpu() else "gloo"
     if on_gpu():
         # Before the process group exists: NCCL ties each rank's communicator to the
         # current device, and every rank would otherwise pick GPU 0.
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo")
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if listener is None and _hosts_loopback_store(rank):
+        listener = _listen(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+    if listener is not None:
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            world,
+            is_master=True,
+            timeout=default_pg_timeout,
+            master_listen_fd=listener.detach(),
+        )
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+    # DeepSpeed takes over a process group that exists, else makes its own (env://).
+    deepspeed.init_distributed(dist_backend=backend)
+    return rank, world
+
+
+def _hosts_loopback_store(rank: int) -> bool:
+    """Whether this rank hosts the rendezvous store at a loopback `MASTER_ADDR` (under
+    torchrun the launcher's agent hosts it instead)."""
+    host = os.environ.get("MASTER_ADDR")
+    if rank != 0 or not host or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return False
+    try:
+        address = socket.getaddrinfo(host, None)[0][4][0]
+    except socket.gaierror:
+        return False  # torch's rendezvous reports an address it cannot resolve
+    return ipaddress.ip_address(address).is_loopback
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen()
+    return sock
 
 
 def training_dtype(config: TrainerConfig) -> Literal["fp32", "bf16"]:

@@ -42,6 +42,7 @@ from trainer.deepspeed_setup import (
     local_grad_norm,
     training_dtype,
 )
+from trainer.intake import Intake
 from trainer.loss import LossInputs, policy_loss
 from trainer.metrics_sink import MetricsSink
 from trainer.step_metrics import WeightedMeans, batch_metrics
@@ -77,6 +78,12 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(run.student)
         # fp32 master weights; DeepSpeed casts the module to bf16 when training in bf16.
         model = AutoModelForCausalLM.from_pretrained(run.student, dtype=torch.float32)
+        self.intake = Intake(
+            group_size=run.rollout.group_size,
+            vocab_size=int(model.config.get_text_config().vocab_size),
+            algorithm=self.algorithm.name,
+            needs_teacher=self.algorithm.uses_teacher,
+        )
         self.engine = create_engine(model, self.config, self.world)
         self.device: torch.device = self.engine.device
         dtype = training_dtype(self.config)
@@ -96,6 +103,8 @@ class Trainer:
         self.sync = WeightSync(self.engine, run, rollout_urls, api_key, self.is_main)
         self.progress = checkpoint.Progress()
         self.retrain: list[Delivery] = []
+        # The version of the weights the retrained groups' lost update started from.
+        self.restored_version = 0
 
     # ------------------------------------------------------------ resume
 
@@ -112,6 +121,11 @@ class Trainer:
             SCORED, self.consumer, [m for m in pending if m not in contained]
         )
         self.progress.consumed = []
+        # The groups to retrain passed the staleness check once, against weights no older
+        # than the checkpoint's; only their update was lost. Their staleness is measured
+        # against the weights restored, not against the version pushed below, which skips
+        # every version the servers saw since (they would all be dropped as stale).
+        self.restored_version = self.progress.policy_version
         log.info(
             "resumed at step %d (version %d): %d pending groups already trained, %d to retrain",
             self.progress.step,
@@ -128,27 +142,60 @@ class Trainer:
 
     # ------------------------------------------------------------ batches
 
-    def collect(self, wanted: int) -> list[Delivery]:
-        """`wanted` fresh groups for this rank; stale ones are dropped and counted."""
+    def collect(self, wanted: int) -> tuple[list[Delivery], bool]:
+        """`wanted` usable, fresh groups for this rank, and whether to stop (the same answer
+        on every rank). Collective: the ranks go round together, so that while they wait a
+        rollout server found behind the trainer's version (restarted: it serves its base
+        weights as version 0) gets the weights again, and its rollout worker, which
+        publishes nothing from a server behind the trainer, can go on."""
         batch: list[Delivery] = []
-        while len(batch) < wanted and not self.should_stop():
-            if self.retrain:
-                deliveries, self.retrain = self.retrain[:wanted], self.retrain[wanted:]
-            else:
-                deliveries = self.queue.consume(
-                    SCORED, self.consumer, count=wanted - len(batch), block_ms=500, reclaim=False
-                )
-            stale = []
-            for delivery in deliveries:
-                assert delivery.group is not None
-                lag = self.progress.policy_version - delivery.group.policy_version
+        while True:
+            if len(batch) < wanted and not self.should_stop():
+                batch += self.take(wanted - len(batch))
+            behind = self.sync.behind()
+            short, stop, catch_up = self.agree(
+                len(batch) < wanted, self.should_stop(), bool(behind)
+            )
+            if catch_up:
+                self.sync.catch_up(behind)
+            if stop or not short:
+                return batch, stop
+
+    def take(self, count: int) -> list[Delivery]:
+        """Up to `count` groups this rank can train on: groups to retrain first, then new
+        ones. Unusable groups are dead-lettered with the reason; stale ones dropped, counted."""
+        retrained = bool(self.retrain)
+        if retrained:
+            deliveries, self.retrain = self.retrain[:count], self.retrain[count:]
+            version = self.restored_version
+        else:
+            deliveries = self.queue.consume(
+                SCORED, self.consumer, count=count, block_ms=500, reclaim=False
+            )
+            version = self.progress.policy_version
+        usable, stale = [], []
+        for delivery in deliveries:
+            problem = self.intake.problem(delivery.group)
+            if problem is not None:
+                self.queue.dead_letter(SCORED, delivery.message_id, problem)
+                continue
+            assert delivery.group is not None  # `problem` says so otherwise
+            lag = version - delivery.group.policy_version
+            if not retrained:  # a retrained group was counted when it first arrived
                 self.queue.count_staleness(max(lag, 0))
-                if lag > self.config.max_staleness:
-                    stale.append(delivery.message_id)
-                else:
-                    batch.append(delivery)
-            self.queue.ack(SCORED, stale, counter="stale")
-        return batch
+            if lag > self.config.max_staleness:
+                stale.append(delivery.message_id)
+            else:
+                usable.append(delivery)
+        self.queue.ack(SCORED, stale, counter="stale")
+        return usable
+
+    def agree(self, *flags: bool) -> list[bool]:
+        """Each flag, true when it holds on any rank."""
+        values = torch.tensor([float(f) for f in flags], device=self.device)
+        if self.world > 1:
+            dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in values.tolist()]
 
     def micro_batches(
         self, groups: list[RolloutGroup]
@@ -232,10 +279,7 @@ class Trainer:
     def any_rank(self, local: bool) -> bool:
         """Whether `local` holds on any rank: decisions that lead into a collective must be
         the same on every rank."""
-        flag = torch.tensor([float(local)], device=self.device)
-        if self.world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return self.agree(local)[0]
 
     def forward_loss(
         self, batch: MicroBatch, total_tokens: float, total_sequences: float
@@ -341,8 +385,8 @@ class Trainer:
         share = max(1, self.config.batch_prompts // self.world)
         self.publish_state()
         while self.progress.step < self.config.steps:
-            deliveries = self.collect(share)
-            if self.any_rank(self.should_stop()):  # every rank stops at the same step
+            deliveries, stop = self.collect(share)
+            if stop:  # every rank stops at the same step
                 break
             groups = [d.group for d in deliveries if d.group is not None]
             metrics = self.train_step(groups)

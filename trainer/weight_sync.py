@@ -17,6 +17,12 @@ Every transport ends with the server's probe check, and any refusal raises here 
 the trainer, loudly; the server keeps its previous weights (a vLLM server that cannot
 restore them after a failed NCCL push refuses to generate instead, see
 `rollout_server.nccl`).
+
+A rollout server that restarts serves its base weights as version 0 until it gets weights
+again. While the trainer waits for groups, rank 0 asks each server's version every
+`CATCH_UP_INTERVAL_S` (`behind`), and the ranks push the weights last pushed, as their
+version, to the servers found behind (`catch_up`), over HTTP or the shared file: a server
+that restarted has no device channel left to take them from.
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import httpx
 import torch
 import torch.distributed as dist
 
-from services.clients.rollout import RolloutClient
+from services.clients.rollout import RolloutClient, RolloutServerError
 from services.common.protocol import WeightProbe, WeightUpdateResponse
 from services.config.run import RunConfig
 from services.weights.nccl_client import NcclSyncClient
@@ -42,6 +49,8 @@ log = logging.getLogger(__name__)
 MiB = 1024 * 1024
 DEVICE_TRANSPORT = {"vllm": "nccl", "hf": "cuda_ipc"}  # server backend -> its device path
 Transport = Literal["nccl", "cuda_ipc", "http", "file"]
+CATCH_UP_INTERVAL_S = 2.0  # how often rank 0 asks the servers their version while waiting
+VERSION_TIMEOUT_S = 1.0  # a server slower than this to say its version is asked again later
 
 
 @dataclass
@@ -94,6 +103,10 @@ class WeightSync:
         self.device_path = False
         self.passes = 1
         self.connected = False
+        # Rank 0: the version the servers took last, with its probe, and when they were
+        # last asked for their version.
+        self.pushed: tuple[int, WeightProbe | None] | None = None
+        self.asked_at = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -101,9 +114,10 @@ class WeightSync:
         return bool(self.urls)
 
     def served_version(self) -> int:
-        """The version the first server serves (rank 0)."""
+        """The newest version any server serves (rank 0): the next push must be above it."""
         assert self.rollout is not None
-        return self.loop.run_until_complete(self.rollout.info()).policy_version or 0
+        infos = [self.loop.run_until_complete(self.rollout.info(url)) for url in self.urls]
+        return max(info.policy_version or 0 for info in infos)
 
     # ------------------------------------------------------------ choosing the transport
 
@@ -187,6 +201,7 @@ class WeightSync:
                 self._join_gathers()
             return None
         responses = self._send(version, probe)
+        self.pushed = (version, probe)
         return PushReport(
             seconds=time.perf_counter() - started,
             bytes=responses[0].bytes,
@@ -220,6 +235,50 @@ class WeightSync:
             )
         )
         return [response]
+
+    # ------------------------------------------------------------ restarted servers
+
+    def behind(self) -> list[str]:
+        """Rank 0, at most every `CATCH_UP_INTERVAL_S`: the servers that answer with a
+        version below the one last pushed. Elsewhere, or before the first push: none."""
+        now = time.monotonic()
+        if self.rollout is None or self.pushed is None or now - self.asked_at < CATCH_UP_INTERVAL_S:
+            return []
+        self.asked_at = now
+        served = self.loop.run_until_complete(self.rollout.served_versions(VERSION_TIMEOUT_S))
+        version = self.pushed[0]
+        return [url for url, v in served.items() if v is not None and v < version]
+
+    def catch_up(self, urls: list[str]) -> None:
+        """Collective: push the weights last pushed, as their version, to `urls` (rank 0's;
+        the other ranks join the gathers at ZeRO-3). A server that cannot be reached now is
+        asked again at the next check; one that refuses the weights stops the trainer, as a
+        refused push does."""
+        if not self.is_main:
+            if self.config.zero_stage == 3:
+                full_state_dict(self.engine, self.config.zero_stage)
+            return
+        assert self.rollout is not None and self.pushed is not None
+        version, probe = self.pushed
+        log.warning(
+            "%s serve(s) a version below %d (restarted?): pushing version %d to them again",
+            ", ".join(urls), version, version,
+        )  # fmt: skip
+        state = full_state_dict(self.engine, self.config.zero_stage)
+        push = self.rollout.push_weights(
+            state,
+            version,
+            probe=probe,
+            transport="file" if self.transport == "file" else "http",
+            shared_dir=self.weights_dir,
+            urls=urls,
+        )
+        try:
+            self.loop.run_until_complete(push)
+        except (RolloutServerError, httpx.TransportError) as exc:
+            if isinstance(exc, RolloutServerError) and exc.status != 503:
+                raise
+            log.warning("could not push version %d again (%s); asking again shortly", version, exc)
 
     def close(self) -> None:
         if self.sender is not None:

@@ -176,6 +176,23 @@ class RolloutClient:
         response = await self._send("GET", "/v1/info", urls=[url or self.urls[0]])
         return _parse(response, ServerInfo)
 
+    async def served_versions(self, timeout_s: float) -> dict[str, int | None]:
+        """The version each server serves, from one `GET /v1/info` each, without retries:
+        cheap enough to ask every few seconds. None for a server that did not answer in
+        time, is still loading, or refused."""
+
+        async def one(url: str) -> int | None:
+            try:
+                response = await self._http.get(url + "/v1/info", timeout=timeout_s)
+            except httpx.HTTPError:
+                return None
+            if response.status_code != 200:
+                return None
+            return _parse(response, ServerInfo).policy_version or 0
+
+        versions = await asyncio.gather(*(one(url) for url in self.urls))
+        return dict(zip(self.urls, versions, strict=True))
+
     async def push_weights(
         self,
         state_dict: Mapping[str, torch.Tensor],
@@ -183,8 +200,10 @@ class RolloutClient:
         probe: WeightProbe | None = None,
         transport: Literal["http", "file"] = "http",
         shared_dir: Path | None = None,
+        urls: Sequence[str] | None = None,
     ) -> WeightUpdateResponse:
-        """Send `state_dict` to every server as `version`; returns once all serve it.
+        """Send `state_dict` to every server (or to `urls` among them) as `version`;
+        returns once all serve it.
 
         `http` streams the safetensors bytes in the request body; `file` writes them under
         `shared_dir` (a volume the servers can read) and names the file. Each server checks
@@ -192,16 +211,21 @@ class RolloutClient:
         refusal raises `RolloutServerError` (that server keeps its old weights). Returns the
         first server's response.
         """
+        targets = list(urls or self.urls)
         if transport == "file":
             if shared_dir is None:
                 raise ValueError("transport='file' needs shared_dir, a folder the servers can read")
-            results = await self._push_file(state_dict, version, probe, shared_dir)
+            results = await self._push_file(state_dict, version, probe, shared_dir, targets)
         else:
-            results = await self._push_http(state_dict, version, probe)
+            results = await self._push_http(state_dict, version, probe, targets)
         return results[0]
 
     async def _push_http(
-        self, state_dict: Mapping[str, torch.Tensor], version: int, probe: WeightProbe | None
+        self,
+        state_dict: Mapping[str, torch.Tensor],
+        version: int,
+        probe: WeightProbe | None,
+        urls: list[str],
     ) -> list[WeightUpdateResponse]:
         headers = await asyncio.to_thread(upload_headers, state_dict, version, probe)
 
@@ -212,7 +236,7 @@ class RolloutClient:
             )  # fmt: skip
             return WeightUpdateResponse.model_validate_json(response.content)
 
-        return list(await asyncio.gather(*(one(url) for url in self.urls)))
+        return list(await asyncio.gather(*(one(url) for url in urls)))
 
     async def _push_file(
         self,
@@ -220,6 +244,7 @@ class RolloutClient:
         version: int,
         probe: WeightProbe | None,
         shared_dir: Path,
+        urls: list[str],
     ) -> list[WeightUpdateResponse]:
         folder = shared_dir / f"policy-v{version}-{uuid.uuid4().hex[:8]}"
         folder.mkdir(parents=True)
@@ -237,7 +262,7 @@ class RolloutClient:
                 )  # fmt: skip
                 return WeightUpdateResponse.model_validate_json(response.content)
 
-            return list(await asyncio.gather(*(one(url) for url in self.urls)))
+            return list(await asyncio.gather(*(one(url) for url in urls)))
         finally:
             # The servers hard-link (or copy) what they accept, so the file can go.
             shutil.rmtree(folder, ignore_errors=True)

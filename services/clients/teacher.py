@@ -32,7 +32,7 @@ from types import TracebackType
 from typing import TypeVar
 
 import httpx
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from tenacity import stop_before_delay
 
 from services.clients.replicas import Replica, ReplicaSet, split_batches
@@ -259,7 +259,7 @@ class TeacherClient:
                     self.pool.failed(
                         replica,
                         f"HTTP 200 with an answer that is not a valid {cls.__name__} "
-                        f"({describe_invalid(exc)}): "
+                        f"({wire.describe_invalid(exc)}): "
                         "check that the URL serves an rlad teacher of the client's version",
                     )
                     refused.add(replica.url)
@@ -359,16 +359,6 @@ def _scores_for(chunk: list[ScoreSequence]) -> Callable[[ScoreResponse], None]:
                 )
 
     return check
-
-
-def describe_invalid(exc: ValueError) -> str:
-    """One line on why a model could not be built: a pydantic error's first problem."""
-    if not isinstance(exc, ValidationError):
-        return str(exc)
-    first = exc.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "body"
-    more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
-    return f"{where}: {first['msg']}{more}"
 
 
 def _decode(response: httpx.Response, cls: type[M]) -> M:

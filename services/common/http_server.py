@@ -109,10 +109,8 @@ def error_type(exc: BaseException) -> str:
 
 
 def _summarise(detail: list[dict[str, Any]]) -> str:
-    first = detail[0]
-    where = ".".join(str(p) for p in first["loc"]) or "body"
-    more = f" (and {len(detail) - 1} more problems)" if len(detail) > 1 else ""
-    return f"invalid request at `{where}`: {first['msg']}{more}"
+    where, _, what = wire.summarise_errors(detail).partition(": ")
+    return f"invalid request at `{where}`: {what}"
 
 
 def install_error_handlers(app: FastAPI) -> None:

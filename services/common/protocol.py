@@ -9,7 +9,7 @@ NaN/infinity are no numbers.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -20,6 +20,8 @@ FinishReason = Literal["stop", "length", "abort"]
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Below this, logits divided by the temperature overflow; vLLM raises it to this too.
 MIN_TEMPERATURE = 0.01
+# A logprob is at most 0; float32 rounding of a near-certain token may land just above it.
+LOGPROB_TOLERANCE = 1e-3
 
 
 class WireModel(BaseModel):
@@ -280,12 +282,43 @@ class WeightUpdateResponse(WireModel):
 
 
 class CompletionRecord(WireModel):
-    token_ids: list[int]
-    rollout_logprobs: list[float]
+    """One sampled completion. Its logprob rows hold one value per completion token, each a
+    finite logprob, so that every consumer can line them up with the tokens: a row of
+    another length would be broadcast or cut silently by the trainer's tensors."""
+
+    # Checked on assignment too: the scorer fills `teacher_logprobs` in place, and a
+    # teacher answer of the wrong length is refused there, before it is published.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
+
+    token_ids: list[Annotated[int, Field(ge=0)]]
+    rollout_logprobs: list[float] = Field(description="Sampling logprob of each token.")
     reward: float
     finish_reason: FinishReason
     correct: bool | None = Field(default=None, description="Task verdict, for accuracy metrics.")
-    teacher_logprobs: list[float] | None = None
+    teacher_logprobs: list[float] | None = Field(
+        default=None, description="The teacher's logprob of each token, once scored."
+    )
+
+    @model_validator(mode="after")
+    def _one_logprob_per_token(self) -> CompletionRecord:
+        rows = {"rollout_logprobs": self.rollout_logprobs}
+        if self.teacher_logprobs is not None:
+            rows["teacher_logprobs"] = self.teacher_logprobs
+        tokens = len(self.token_ids)
+        for name, row in rows.items():
+            if len(row) != tokens:
+                raise ValueError(
+                    f"{name} has {len(row)} values for {tokens} completion tokens: "
+                    "its producer must send exactly one logprob per token"
+                )
+            above = [(i, v) for i, v in enumerate(row) if v > LOGPROB_TOLERANCE]
+            if above:
+                i, value = above[0]
+                raise ValueError(
+                    f"{name}[{i}] = {value:g} is not a logprob (above 0); "
+                    f"{len(above)} such values: send log-probabilities, not probabilities"
+                )
+        return self
 
 
 class RolloutGroup(WireModel):
@@ -295,8 +328,8 @@ class RolloutGroup(WireModel):
     prompt_id: str
     task: str
     policy_version: int
-    prompt_token_ids: list[int]
-    completions: list[CompletionRecord]
+    prompt_token_ids: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
+    completions: list[CompletionRecord] = Field(min_length=1)
     teacher_revision: str | None = None
     timestamps: dict[str, float] = Field(
         default_factory=dict, description="Unix time per stage: generated, scored, trained."

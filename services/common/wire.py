@@ -7,11 +7,12 @@ and decodes with one `numpy.frombuffer`. Never pickle: a peer can only send data
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 import msgpack
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 MSGPACK = "application/msgpack"
 JSON = "application/json"
@@ -70,3 +71,19 @@ def decode_raw(data: bytes) -> Any:
 def decode(data: bytes, cls: type[M]) -> M:
     """Bytes to a validated schema instance (pydantic errors propagate as they are)."""
     return cls.model_validate(decode_raw(data))
+
+
+def summarise_errors(errors: Sequence[Mapping[str, Any]]) -> str:
+    """A pydantic error list on one line: where the first problem is, what it is, and how
+    many more there are."""
+    first = errors[0]
+    where = ".".join(str(part) for part in first["loc"]) or "body"
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return f"{where}: {first['msg']}{more}"
+
+
+def describe_invalid(exc: Exception) -> str:
+    """One line on why data is not a valid message, bounded (it is logged and stored)."""
+    if isinstance(exc, ValidationError):
+        return summarise_errors(exc.errors())[:300]
+    return " ".join(str(exc).split())[:300] or type(exc).__name__

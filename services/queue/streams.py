@@ -194,13 +194,8 @@ def _deliveries(keys: RunKeys, stream: str, entries: list[Any]) -> Steps[list[De
             )
         except Exception as exc:  # any malformed payload is dead-lettered, never retried
             log.error("undecodable message %s on %s: %s", message_id, key, exc)
-            deliveries.append(Delivery(message_id, None, times, error=_one_line(exc)))
+            deliveries.append(Delivery(message_id, None, times, error=wire.describe_invalid(exc)))
     return deliveries
-
-
-def _one_line(exc: Exception) -> str:
-    """The error on one line, bounded: it is stored with the dead letter."""
-    return " ".join(str(exc).split())[:300] or type(exc).__name__
 
 
 def pending_for(keys: RunKeys, stream: str, consumer: str) -> Steps[list[str]]:

@@ -38,11 +38,8 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from services.clients.retry import backoff
-from services.clients.teacher import (
-    TeacherRequestError,
-    TeacherUnavailable,
-    describe_invalid,
-)
+from services.clients.teacher import TeacherRequestError, TeacherUnavailable
+from services.common import wire
 from services.common.protocol import CompletionRecord, RolloutGroup, ScoreSequence
 from services.config.workers import ScorerConfig
 from services.queue.keys import ROLLOUTS, SCORED
@@ -236,5 +233,5 @@ def _sequence(group: RolloutGroup, completion: CompletionRecord) -> ScoreSequenc
             start=len(group.prompt_token_ids),
         )
     except ValidationError as exc:
-        message = f"cannot be sent to the teacher: {describe_invalid(exc)}"
+        message = f"cannot be sent to the teacher: {wire.describe_invalid(exc)}"
         raise TeacherRequestError(422, message) from exc

@@ -28,6 +28,7 @@ from services.queue.keys import ROLLOUTS, RunKeys
 from services.queue.queues import AsyncQueue, GroupQueue
 from services.tasks import load_task
 from services.workers.rollout_worker import RolloutWorker
+from tests.integration.trainer_runs import push_student
 from tests.process_support import wait_for
 
 BATCH = 2  # groups per trainer step
@@ -127,9 +128,8 @@ def test_the_worker_process_waits_for_new_weights_after_a_batch(
             )
             time.sleep(3)  # an asynchronous worker would run on to the backlog bound
             assert fresh_redis.xlen(RunKeys("sync").stream(ROLLOUTS)) == BATCH
-            fresh_redis.hset(
-                RunKeys("sync").trainer_state, "policy_version", 1
-            )  # as the trainer's push does
+            push_student(url, tiny_student, 1)  # as the trainer does after a step,
+            fresh_redis.hset(RunKeys("sync").trainer_state, "policy_version", 1)  # then says so
             wait_for(
                 lambda: fresh_redis.xlen(RunKeys("sync").stream(ROLLOUTS)) >= 2 * BATCH, 60, worker
             )

@@ -9,21 +9,24 @@ from __future__ import annotations
 import json
 import random
 import re
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import redis
 
-from services.common.runtime import free_port
-from services.launch.processes import ManagedProcess
 from services.queue.keys import SCORED
 from services.queue.queues import GroupQueue, QueueReader
 from tests.integration.crash_before_ack import CRASH_EXIT_CODE
 from tests.integration.groups import scored_group
-from tests.integration.trainer_runs import RUN, trained_log, trainer_process, write_config
+from tests.integration.trainer_runs import (
+    RUN,
+    rollout_server,
+    served_version,
+    trained_log,
+    trainer_process,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 RANKS = 2
@@ -34,19 +37,11 @@ NEVER_STALE = {"max_staleness": 1000}
 @pytest.fixture
 def rollout_url(tmp_path: Path, tiny_student: Path) -> Iterator[str]:
     """A transformers rollout server of the student, fresh for each test (versions from 0)."""
-    port = free_port()
-    argv = [sys.executable, "-m", "services.cli.main", "serve-rollout", "--model"]
-    argv += [str(tiny_student), "--backend", "hf", "--port", str(port)]
-    server = ManagedProcess("rollout", argv, tmp_path / "rollout.log").start()
+    server, url = rollout_server(tiny_student, tmp_path)
     try:
-        server.wait_healthy(f"http://127.0.0.1:{port}/health", timeout_s=240)
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
         server.stop()
-
-
-def served_version(url: str) -> int:
-    return int(httpx.get(f"{url}/v1/info").json()["policy_version"])
 
 
 def versions_by_step(rows: list[dict[str, object]]) -> dict[object, set[object]]:

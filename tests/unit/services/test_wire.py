@@ -23,7 +23,7 @@ def test_group_round_trips_and_packs_arrays_as_raw_bytes() -> None:
                 reward=2.0,
                 finish_reason="stop",
                 correct=True,
-                teacher_logprobs=[],
+                teacher_logprobs=[-0.25, -0.5, -4.0],
             )
         ],
         timestamps={"generated": 1.5},

@@ -1,0 +1,54 @@
+"""Which scored groups the trainer can train on, and why not the others.
+
+The wire schema (`services.common.protocol`) already refuses a group whose completions
+are malformed in themselves (a logprob row of another length than the tokens, a value that
+is no finite logprob): the queue dead-letters it as undecodable. What is checked here
+depends on the run: the group size the rollout worker samples (the advantages are one
+[groups, G] tensor), the student's vocabulary, and the algorithm's inputs. A group that
+fails is dead-lettered with the reason, and the trainer goes on: content must never stop it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.protocol import RolloutGroup
+
+
+@dataclass(frozen=True)
+class Intake:
+    group_size: int  # rollout.group_size: completions per prompt
+    vocab_size: int  # the student's vocabulary: ids 0..vocab_size-1
+    algorithm: str  # algorithm.name, for the reasons
+    needs_teacher: bool  # the loss reads teacher logprobs (TRRD, KDRL)
+
+    def problem(self, group: RolloutGroup | None) -> str | None:
+        """Why the trainer cannot use `group`, or None when it can."""
+        if group is None:
+            return "payload could not be decoded"
+        if len(group.completions) != self.group_size:
+            return (
+                f"{len(group.completions)} completions, where the trainer's config has "
+                f"rollout.group_size {self.group_size}: give the rollout worker and the "
+                "trainer the same config"
+            )
+        ids = group.prompt_token_ids + [t for c in group.completions for t in c.token_ids]
+        outside = [t for t in ids if t >= self.vocab_size]
+        if outside:
+            return (
+                f"token id {outside[0]} is outside the student's vocabulary "
+                f"(0..{self.vocab_size - 1}), {len(outside)} such ids: the rollout server "
+                "must serve this student"
+            )
+        if self.needs_teacher:
+            unscored = [
+                i
+                for i, c in enumerate(group.completions)
+                if c.token_ids and c.teacher_logprobs is None
+            ]
+            if unscored:
+                return (
+                    f"completions {unscored} have no teacher_logprobs, which algorithm "
+                    f"{self.algorithm} needs: run the scorer in teacher mode"
+                )
+        return None
