@@ -51,6 +51,9 @@ from trainer.weight_sync import PushReport, WeightSync
 log = logging.getLogger(__name__)
 # bf16 kernels of two engines (or of two GPUs) differ by more than fp32 ones.
 PROBE_ATOL = {"fp32": 1e-3, "bf16": 5e-2}
+# A trainer that waits this long for its batch says so, again and again: a run that
+# cannot progress must not be silent.
+WAITING_WARNING_S = 60.0
 
 
 class Trainer:
@@ -149,9 +152,21 @@ class Trainer:
         weights as version 0) gets the weights again, and its rollout worker, which
         publishes nothing from a server behind the trainer, can go on."""
         batch: list[Delivery] = []
+        waiting_since = warned = time.monotonic()
         while True:
             if len(batch) < wanted and not self.should_stop():
                 batch += self.take(wanted - len(batch))
+            if self.is_main and time.monotonic() - warned >= WAITING_WARNING_S:
+                warned = time.monotonic()
+                log.warning(
+                    "waiting %.0f s for scored groups: %d of %d for step %d; check that the "
+                    "rollout worker and the scorers run and that groups are not all stale "
+                    "or dead (`rlad monitor`, `rlad dead list`)",
+                    warned - waiting_since,
+                    len(batch),
+                    wanted,
+                    self.progress.step + 1,
+                )
             behind = self.sync.behind()
             short, stop, catch_up = self.agree(
                 len(batch) < wanted, self.should_stop(), bool(behind)
