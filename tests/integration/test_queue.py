@@ -4,6 +4,7 @@ reclaim of a dead consumer's messages, dead letters, backpressure and safe trimm
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import redis
 import redis.asyncio
 
 from services.config.workers import QueueConfig
+from services.queue import streams
 from services.queue.connection import clear_run, embedded_url, start_embedded_redis
 from services.queue.keys import DEAD, ROLLOUTS, SCORED, RunKeys
 from services.queue.queues import AsyncQueue, GroupQueue, QueueReader
@@ -268,3 +270,15 @@ def test_consumers_of_gone_processes_are_pruned_but_never_with_messages(
         for c in fresh_redis.xinfo_consumers(RunKeys("test").stream(ROLLOUTS), "scorers")
     }
     assert names == {"scorer-holding", "scorer-live"}
+
+
+def test_a_producer_kept_waiting_says_why(
+    fresh_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(streams, "STUCK_WARNING_S", 0.05)
+    queue = GroupQueue(fresh_redis, "test", QueueConfig(max_backlog=1))
+    queue.publish(ROLLOUTS, make_group(0))
+    deadline = time.monotonic() + 0.3
+    with caplog.at_level(logging.WARNING, logger=streams.__name__):
+        queue.wait_for_room(poll_s=0.01, should_stop=lambda: time.monotonic() > deadline)
+    assert "1 groups await a scorer or the trainer (queue.max_backlog 1)" in caplog.text
