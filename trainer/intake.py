@@ -4,23 +4,30 @@ The wire schema (`services.common.protocol`) already refuses a group whose compl
 are malformed in themselves (a logprob row of another length than the tokens, a value that
 is no finite logprob): the queue dead-letters it as undecodable. What is checked here
 depends on the run: the group size the rollout worker samples (the advantages are one
-[groups, G] tensor), the student's vocabulary, and the algorithm's inputs. A group that
-fails is dead-lettered with the reason, and the trainer goes on: content must never stop it.
+[groups, G] tensor), the student's vocabulary, the algorithm's inputs, and the teacher's
+weights: the run is pinned to one teacher revision (`trainer.teacher_revision`, or else
+the first scored group's), so that two replicas serving different weights are never mixed
+silently. A group that fails is dead-lettered with the reason, and the trainer goes on:
+content must never stop it.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from services.common.protocol import RolloutGroup
 
+log = logging.getLogger(__name__)
 
-@dataclass(frozen=True)
+
+@dataclass
 class Intake:
     group_size: int  # rollout.group_size: completions per prompt
     vocab_size: int  # the student's vocabulary: ids 0..vocab_size-1
     algorithm: str  # algorithm.name, for the reasons
     needs_teacher: bool  # the loss reads teacher logprobs (TRRD, KDRL)
+    teacher_revision: str | None = None  # pinned; None: the first scored group's
 
     def problem(self, group: RolloutGroup | None) -> str | None:
         """Why the trainer cannot use `group`, or None when it can."""
@@ -51,4 +58,22 @@ class Intake:
                     f"completions {unscored} have no teacher_logprobs, which algorithm "
                     f"{self.algorithm} needs: run the scorer in teacher mode"
                 )
+        return self._revision_problem(group)
+
+    def _revision_problem(self, group: RolloutGroup) -> str | None:
+        scored = any(c.teacher_logprobs is not None for c in group.completions)
+        if not scored or group.teacher_revision is None:
+            return None
+        if self.teacher_revision is None:
+            self.teacher_revision = group.teacher_revision
+            log.info(
+                "teacher revision pinned to %s (the first scored group's)", group.teacher_revision
+            )
+            return None
+        if group.teacher_revision != self.teacher_revision:
+            return (
+                f"scored by teacher revision {group.teacher_revision}, but this run is pinned "
+                f"to {self.teacher_revision}: every teacher replica must serve the same "
+                "weights (or set trainer.teacher_revision to the one to train with)"
+            )
         return None

@@ -86,6 +86,7 @@ class Trainer:
             vocab_size=int(model.config.get_text_config().vocab_size),
             algorithm=self.algorithm.name,
             needs_teacher=self.algorithm.uses_teacher,
+            teacher_revision=self.config.teacher_revision,
         )
         self.engine = create_engine(model, self.config, self.world)
         self.device: torch.device = self.engine.device

@@ -42,6 +42,12 @@ class TrainerConfig(StrictModel):
         description="Recompute activations in the backward pass instead of keeping them: "
         "about a third more compute for much less memory (a 1.7B-8B student on one GPU).",
     )
+    teacher_revision: str | None = Field(
+        default=None,
+        description="The teacher weights (revision, as the teacher's /v1/info reports it) to "
+        "train with; groups scored by another are dead-lettered. Default: the first scored "
+        "group's.",
+    )
     max_staleness: int = Field(
         default=2,
         ge=0,

@@ -61,3 +61,34 @@ def test_missing_teacher_logprobs_are_refused_where_the_algorithm_needs_them() -
 
 def test_an_undecodable_payload_is_refused() -> None:
     assert TRRD.problem(None) == "payload could not be decoded"
+
+
+def scored_by(revision: str) -> RolloutGroup:
+    return group(completion([5, 6]), completion([7])).model_copy(
+        update={"teacher_revision": revision}
+    )
+
+
+def test_the_first_scored_group_pins_the_teacher_revision() -> None:
+    intake = Intake(group_size=2, vocab_size=100, algorithm="trrd", needs_teacher=True)
+    assert intake.problem(scored_by("aaa")) is None
+    assert intake.problem(scored_by("aaa")) is None
+    problem = intake.problem(scored_by("bbb"))
+    assert problem is not None and problem.startswith(
+        "scored by teacher revision bbb, but this run is pinned to aaa"
+    )
+
+
+def test_a_configured_revision_refuses_any_other() -> None:
+    intake = Intake(
+        group_size=2, vocab_size=100, algorithm="trrd", needs_teacher=True, teacher_revision="bbb"
+    )
+    assert intake.problem(scored_by("aaa")) is not None
+    assert intake.problem(scored_by("bbb")) is None
+
+
+def test_unscored_groups_pin_nothing() -> None:
+    intake = Intake(group_size=2, vocab_size=100, algorithm="grpo", needs_teacher=False)
+    unscored = group(completion([5], scored=False), completion([6], scored=False))
+    assert intake.problem(unscored.model_copy(update={"teacher_revision": "x"})) is None
+    assert intake.teacher_revision is None
