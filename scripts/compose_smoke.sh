@@ -190,8 +190,8 @@ json_get() { python3 -c "import json, sys; d = json.load(sys.stdin); print($1)";
 monitor_json() { stack exec -T monitor rlad monitor --once --json "$@"; }
 
 # The trainer's last step, and the run counters `produced scored`, where they live in Redis
-# (cheap enough to poll): the keys of the CPU profile's run, configs/tiny-cpu.yaml.
-RUN_KEYS=rlad:tiny-cpu
+# (cheap enough to poll): the keys of the run, scoped by its name.
+RUN_KEYS=rlad:$RUN_NAME
 trainer_step() {
   local step
   step=$(redis_cli HGET $RUN_KEYS:trainer step 2>/dev/null) || true
