@@ -24,7 +24,7 @@ resume restored being rolled back. A fault *failed* when the run did not go on b
 or a group was lost or trained twice since the previous fault. A failed fault is healed
 (what died is restarted, or everything but Redis when nothing died) before the next one.
 
-    python bench/faults.py --quick     # three faults and 60 s of chaos (about 6 minutes on 2 cores)
+    python bench/faults.py --quick     # three faults and 60 s of chaos (6-7 minutes on 2 cores)
     python bench/faults.py             # the seven faults, then 300 s of chaos (about 12 minutes)
     python bench/faults.py --faults trainer,redis-kill --chaos-s 0
 """
