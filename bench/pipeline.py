@@ -23,6 +23,7 @@ from typing import Any
 
 import redis
 import yaml
+from tiny_stack import base_config
 
 from services.bootstrap.tiny_models import save_tiny_model
 from services.common.protocol import CompletionRecord, RolloutGroup
@@ -35,13 +36,6 @@ from services.queue.queues import GroupQueue
 from trainer.metrics_sink import read_metrics
 
 WARMUP_STEPS = 2
-
-
-def base_config(folder: Path, student: Path, teacher: Path, steps: int) -> dict[str, Any]:
-    config = yaml.safe_load(Path("configs/tiny-cpu.yaml").read_text())
-    config.update(run_dir=str(folder), student=str(student), teacher=str(teacher))
-    config["trainer"].update(steps=steps, checkpoint_every=steps)
-    return config
 
 
 def steady_step_time(folder: Path) -> float:
