@@ -18,6 +18,7 @@ import asyncio
 import itertools
 import logging
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -220,6 +221,49 @@ class RolloutClient:
             results = await self._push_http(state_dict, version, probe, targets)
         return results[0]
 
+    async def _update(
+        self,
+        url: str,
+        path: str,
+        content: Callable[[], Any],
+        headers: dict[str, str],
+        version: int,
+    ) -> WeightUpdateResponse:
+        """One weight update of one server, applied once. A server applies a version at
+        most once (it refuses, 409, any version not above the one it serves), so an update
+        cut off mid-way (the server died, or its answer was lost) is sent again: a server
+        restarted meanwhile takes it, and one that refuses it as already served had applied
+        it. Until the client's deadline, as every call."""
+        deadline = time.monotonic() + self.deadline_s
+        interrupted = False
+        while True:
+            try:
+                response = await self._send(
+                    "POST", path, urls=[url], content=content, headers=headers, connect_only=True
+                )
+                return WeightUpdateResponse.model_validate_json(response.content)
+            except httpx.TransportError as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                log.warning("weight update of %s cut off (%r); sending it again", url, exc)
+                interrupted = True
+            except RolloutServerError as exc:
+                if not (interrupted and exc.status == 409):
+                    raise
+                info = await self.info(url)
+                if info.policy_version != version:
+                    raise
+                log.info(
+                    "%s already serves version %d: the cut-off update was applied", url, version
+                )
+                return WeightUpdateResponse(
+                    policy_version=version,
+                    revision=info.revision,
+                    transport="file" if path == "/v1/weights" else "http",
+                    bytes=0,
+                    duration_s=0.0,
+                )
+
     async def _push_http(
         self,
         state_dict: Mapping[str, torch.Tensor],
@@ -230,11 +274,9 @@ class RolloutClient:
         headers = await asyncio.to_thread(upload_headers, state_dict, version, probe)
 
         async def one(url: str) -> WeightUpdateResponse:
-            response = await self._send(
-                "POST", "/v1/weights/upload", urls=[url], connect_only=True,
-                content=lambda: upload_body(state_dict), headers=headers,
-            )  # fmt: skip
-            return WeightUpdateResponse.model_validate_json(response.content)
+            return await self._update(
+                url, "/v1/weights/upload", lambda: upload_body(state_dict), headers, version
+            )
 
         return list(await asyncio.gather(*(one(url) for url in urls)))
 
@@ -256,11 +298,10 @@ class RolloutClient:
             )
 
             async def one(url: str) -> WeightUpdateResponse:
-                response = await self._send(
-                    "POST", "/v1/weights", urls=[url], connect_only=True,
-                    content=request.model_dump_json, headers={"content-type": wire.JSON},
+                return await self._update(
+                    url, "/v1/weights", request.model_dump_json, {"content-type": wire.JSON},
+                    version,
                 )  # fmt: skip
-                return WeightUpdateResponse.model_validate_json(response.content)
 
             return list(await asyncio.gather(*(one(url) for url in urls)))
         finally:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from services.queue.keys import ROLLOUTS, RUNS_PATTERN, SCORED, RunKeys, run_of
+from services.queue.keys import CONSUMER_GROUPS, ROLLOUTS, RUNS_PATTERN, SCORED, RunKeys, run_of
+from services.queue.readings import group_progress
 from services.queue.runner import Script, Steps, command, text
 
 LATENCY_SAMPLES = 1000
@@ -31,10 +32,13 @@ def stats(keys: RunKeys) -> Steps[dict[str, int]]:
 
 
 def accounts(keys: RunKeys) -> Steps[dict[str, int]]:
-    """Counters plus what is still in the streams: produced = trained + stale + dead + in queue."""
+    """Counters plus what is still queued (delivered and not acknowledged, or not delivered
+    yet): produced = trained + stale + dead + in queue, at any moment. Not the streams'
+    lengths: acknowledged entries stay behind an older pending one until it is trimmed."""
     result = yield from stats(keys)
-    result["in_rollouts"] = int((yield command("xlen", keys.stream(ROLLOUTS))))
-    result["in_scored"] = int((yield command("xlen", keys.stream(SCORED))))
+    for stream, name in ((ROLLOUTS, "in_rollouts"), (SCORED, "in_scored")):
+        progress = yield from group_progress(keys, stream, CONSUMER_GROUPS[stream])
+        result[name] = progress.pending + progress.lag
     return result
 
 

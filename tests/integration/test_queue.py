@@ -197,6 +197,9 @@ def test_acknowledged_stale_groups_do_not_hold_back_producers(fresh_redis: redis
     assert fresh_redis.xlen(RunKeys("test").stream(SCORED)) == 4  # nothing trimmable yet
     assert queue.backlog() == 0
     queue.wait_for_room(poll_s=0.01)  # returns at once
+    # The accounts count the held group as queued, the untrimmed stale ones as stale only.
+    accounts = QueueReader(fresh_redis, "test").accounts()
+    assert accounts == {"stale": 3, "in_rollouts": 0, "in_scored": 1}
 
 
 def test_backlog_counts_groups_being_scored(fresh_redis: redis.Redis) -> None:

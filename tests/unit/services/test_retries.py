@@ -11,6 +11,7 @@ retries them one at a time.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -19,6 +20,7 @@ from types import TracebackType
 
 import pytest
 import redis
+import torch
 import uvicorn
 from fastapi import FastAPI, Response
 from pydantic import BaseModel
@@ -431,3 +433,73 @@ def test_an_unexpected_error_leaves_the_batch_pending_and_then_fails_alone(
     assert decode(letter[1][b"data"], RolloutGroup).group_id == "bad"
     assert letter[1][b"reason"] == b"delivered 3 times without being acknowledged"
     assert "scoring 3 groups failed unexpectedly; they stay pending" in caplog.text
+
+
+class CutOffOnce:
+    """A raw HTTP server whose first weight update is cut off after the request arrives
+    (the update applied, its answer lost); then it refuses the same version as already
+    served (409) and reports it in `/v1/info`, as a rollout server does."""
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        self.updates = 0
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        length = next(
+            (
+                int(line.split(":")[1])
+                for line in head.split("\r\n")
+                if line.lower().startswith("content-length")
+            ),
+            0,
+        )
+        await reader.readexactly(length)
+        if head.startswith("POST"):
+            self.updates += 1
+            if self.updates == 1:
+                writer.close()  # applied, and the answer never sent
+                return
+            status, body = (
+                409,
+                ErrorResponse(
+                    error=ErrorBody(
+                        type="version_conflict", message="version not above the served one"
+                    )
+                ).model_dump_json(),
+            )
+        else:
+            info = {"role": "rollout", "model": "m", "revision": "r1", "backend": "hf"}
+            info |= {"vocab_size": 10, "tokenizer_fingerprint": "f", "max_model_len": 8}
+            status, body = 200, json.dumps(info | {"policy_version": self.version})
+        writer.write(
+            f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n{body}".encode()
+        )
+        await writer.drain()
+        writer.close()
+
+
+def test_a_weight_update_cut_off_after_it_was_applied_is_not_an_error() -> None:
+    async def scenario() -> tuple[int, int]:
+        server = CutOffOnce(version=3)
+        listening = await asyncio.start_server(server.handle, "127.0.0.1", server.port)
+        async with listening, RolloutClient(server.url, backoff_s=0.01) as client:
+            weights = {"w": torch.zeros(2)}
+            answer = await client.push_weights(weights, version=3)
+        return answer.policy_version, server.updates
+
+    assert asyncio.run(scenario()) == (3, 2)
+
+
+def test_a_cut_off_weight_update_the_server_did_not_apply_still_fails() -> None:
+    async def scenario() -> None:
+        server = CutOffOnce(version=2)  # serves 2: the update to 3 was not applied
+        listening = await asyncio.start_server(server.handle, "127.0.0.1", server.port)
+        async with listening, RolloutClient(server.url, backoff_s=0.01) as client:
+            await client.push_weights({"w": torch.zeros(2)}, version=3)
+
+    with pytest.raises(RolloutServerError, match="409"):
+        asyncio.run(scenario())
