@@ -270,7 +270,7 @@ def last_error(process: ManagedProcess) -> str:
 class Supervisor:
     """Starts, kills and restarts the stack's processes; notices those that die."""
 
-    def __init__(self, running: Pipeline, redis_server: RedisServer, folder: Path) -> None:
+    def __init__(self, running: Pipeline, redis_server: RedisServer, run: RunConfig) -> None:
         self.redis = redis_server
         self.processes = {"redis": redis_server.process}
         self.processes |= {p.name: p for p in running.stack.processes}
@@ -278,9 +278,10 @@ class Supervisor:
         self.health = {"rollout": f"{running.rollout_url}/health"}
         if "teacher" in self.processes:
             self.health["teacher"] = f"{running.teacher_urls[0]}/health"
-        self.audit = TrainingAudit(folder)
-        self.metrics = folder / "metrics.jsonl"
-        self.reader = QueueReader(redis.Redis.from_url(redis_server.url, socket_timeout=5.0))
+        self.audit = TrainingAudit(run.folder)
+        self.metrics = run.folder / "metrics.jsonl"
+        client = redis.Redis.from_url(redis_server.url, socket_timeout=5.0)
+        self.reader = QueueReader(client, run.name)
         self.down: set[str] = set()  # stopped on purpose, not restarted yet
         self.seen_dead: set[int] = set()  # pids already reported
         self.shown_at = 0.0
@@ -698,7 +699,7 @@ def supervised_stack(run: RunConfig) -> Iterator[Supervisor]:
         os.environ["REDIS_URL"] = redis_server.url
         try:
             with pipeline(run) as running:
-                yield Supervisor(running, redis_server, run.folder)
+                yield Supervisor(running, redis_server, run)
         finally:
             redis_server.process.stop()
 
