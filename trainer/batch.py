@@ -5,6 +5,10 @@ Grid: a sequence is `prompt + completion`, right-padded to the micro-batch's lon
 Per-token tensors are `[b, L-1]` in "shifted" coordinates — position t holds the quantity of
 token t+1 — which is what `services.common.logprobs.sequence_logprobs` returns. Completion token j
 of a prompt of length P therefore sits at position P-1+j.
+
+Groups may come without teacher logprobs: degraded ones (no teacher answered, see
+services/workers/scorer.py) and those the scorer skipped because their rewards are all
+equal. Their rows carry `has_teacher` 0, and the loss trains them with α = 1.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from services.common.protocol import RolloutGroup
+from services.config.algorithm import AlgorithmConfig
 
 
 @dataclass
@@ -23,7 +28,7 @@ class Sample:
     input_ids: list[int]  # prompt + completion
     prompt_len: int
     rollout_logprobs: list[float]
-    teacher_logprobs: list[float] | None
+    teacher_logprobs: list[float] | None  # None: no teacher (degraded or skipped group)
     advantage: float
     correct: bool | None
 
@@ -42,19 +47,32 @@ class MicroBatch:
     attention_mask: torch.Tensor  # [b, L] long
     loss_mask: torch.Tensor  # [b, L-1] float, 1 on completion tokens
     rollout_logprobs: torch.Tensor  # [b, L-1]
-    teacher_logprobs: torch.Tensor | None  # [b, L-1]
+    # Always present, so that every micro-batch of every rank yields the same metrics.
+    teacher_logprobs: torch.Tensor  # [b, L-1], 0 on rows without a teacher
     advantages: torch.Tensor  # [b]
     correct: torch.Tensor | None  # [b] bool
+    has_teacher: torch.Tensor | None  # [b] float 1/0; None: every row has one
 
     @property
     def num_tokens(self) -> int:
         return int(self.loss_mask.sum().item())
 
+    @property
+    def teacher_tokens(self) -> int:
+        """Loss tokens of the rows with teacher logprobs (what teacher metrics average)."""
+        if self.has_teacher is None:
+            return self.num_tokens
+        return int((self.loss_mask.sum(dim=1) * self.has_teacher).sum().item())
 
-def flatten(groups: list[RolloutGroup], advantages: torch.Tensor) -> list[Sample]:
-    """`advantages` is [num_groups, G]; completions with no tokens carry no loss and are skipped."""
+
+def flatten(
+    groups: list[RolloutGroup], advantages: torch.Tensor, algorithm: AlgorithmConfig
+) -> list[Sample]:
+    """`advantages` is [num_groups, G]; completions with no tokens carry no loss and are
+    skipped. A degraded group's teacher logprobs, if any, are not used."""
     samples = []
     for group, group_adv in zip(groups, advantages.tolist(), strict=True):
+        _check_teacher(group, group_adv, algorithm)
         for completion, adv in zip(group.completions, group_adv, strict=True):
             if not completion.token_ids:
                 continue
@@ -63,12 +81,29 @@ def flatten(groups: list[RolloutGroup], advantages: torch.Tensor) -> list[Sample
                     input_ids=group.prompt_token_ids + completion.token_ids,
                     prompt_len=len(group.prompt_token_ids),
                     rollout_logprobs=completion.rollout_logprobs,
-                    teacher_logprobs=completion.teacher_logprobs,
+                    teacher_logprobs=None if group.degraded else completion.teacher_logprobs,
                     advantage=adv,
                     correct=completion.correct,
                 )
             )
     return samples
+
+
+def _check_teacher(
+    group: RolloutGroup, advantages: list[float], algorithm: AlgorithmConfig
+) -> None:
+    """A group may lack teacher logprobs only where the loss does not read them: degraded,
+    or (skipped by the scorer) with advantages of 0 under an algorithm whose loss then has
+    no teacher term. Anything else means the scorer and the trainer disagree."""
+    if not algorithm.uses_teacher or group.degraded:
+        return
+    unscored = any(c.token_ids and c.teacher_logprobs is None for c in group.completions)
+    if unscored and (algorithm.teacher_on_every_group or any(advantages)):
+        raise ValueError(
+            f"group {group.group_id} has completions without teacher logprobs, but algorithm "
+            f"{algorithm.name!r} needs them: run the scorer in teacher mode (scorer.mode: "
+            "teacher) with the trainer's run config"
+        )
 
 
 def pack(samples: list[Sample], token_budget: int) -> list[list[Sample]]:
@@ -99,7 +134,7 @@ def collate(samples: list[Sample], pad_id: int, device: torch.device) -> MicroBa
     """Pad `samples` into one micro-batch on `device` (the engine's: one copy per tensor)."""
     length = max(s.num_tokens for s in samples)
     width = length - 1
-    with_teacher = all(s.teacher_logprobs is not None for s in samples)
+    teacher_rows = [s.teacher_logprobs is not None for s in samples]
     with_verdicts = all(s.correct is not None for s in samples)
     return MicroBatch(
         input_ids=torch.tensor(
@@ -120,9 +155,10 @@ def collate(samples: list[Sample], pad_id: int, device: torch.device) -> MicroBa
         ),
         teacher_logprobs=torch.tensor(
             [_on_grid(s, s.teacher_logprobs or [], width) for s in samples], device=device
-        )
-        if with_teacher
-        else None,
+        ),
+        has_teacher=None
+        if all(teacher_rows)
+        else torch.tensor(teacher_rows, dtype=torch.float32, device=device),
         advantages=torch.tensor([s.advantage for s in samples], device=device),
         correct=torch.tensor([bool(s.correct) for s in samples], device=device)
         if with_verdicts
@@ -130,7 +166,7 @@ def collate(samples: list[Sample], pad_id: int, device: torch.device) -> MicroBa
     )
 
 
-def empty_batch(pad_id: int, with_teacher: bool, device: torch.device) -> MicroBatch:
+def empty_batch(pad_id: int, device: torch.device) -> MicroBatch:
     """A micro-batch with no loss tokens: ranks with fewer micro-batches run these so that
     every rank enters the same number of collective forward/backward passes."""
     zeros = torch.zeros((1, 1), device=device)
@@ -139,7 +175,8 @@ def empty_batch(pad_id: int, with_teacher: bool, device: torch.device) -> MicroB
         attention_mask=torch.ones((1, 2), dtype=torch.long, device=device),
         loss_mask=zeros,
         rollout_logprobs=zeros,
-        teacher_logprobs=zeros if with_teacher else None,
+        teacher_logprobs=zeros,
         advantages=torch.zeros(1, device=device),
         correct=None,
+        has_teacher=None,
     )

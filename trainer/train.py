@@ -42,7 +42,7 @@ from trainer.deepspeed_setup import (
     local_grad_norm,
     training_dtype,
 )
-from trainer.loss import LossInputs, policy_loss
+from trainer.loss import TEACHER_METRICS, LossInputs, policy_loss
 from trainer.metrics_sink import MetricsSink
 from trainer.step_metrics import WeightedMeans, batch_metrics
 from trainer.weight_sync import PushReport, WeightSync
@@ -157,7 +157,7 @@ class Trainer:
         rewards = torch.tensor([[c.reward for c in g.completions] for g in groups], device="cpu")
         advantages, stats = group_advantages(rewards, self.algorithm)
         kept = [g for g, keep in zip(groups, stats.keep.tolist(), strict=True) if keep]
-        samples = flatten(kept, advantages[stats.keep])
+        samples = flatten(kept, advantages[stats.keep], self.algorithm)
         pad_id = self.tokenizer.pad_token_id
         batches = [
             collate(chunk, pad_id, self.device)
@@ -167,8 +167,7 @@ class Trainer:
         count = torch.tensor([len(batches)], device=self.device)
         if self.world > 1:
             dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        with_teacher = self.algorithm.uses_teacher
-        batches += [empty_batch(pad_id, with_teacher, self.device)] * (int(count) - len(batches))
+        batches += [empty_batch(pad_id, self.device)] * (int(count) - len(batches))
         return batches, batch_metrics(groups, self.progress.policy_version, stats)
 
     # ------------------------------------------------------------ one step
@@ -212,7 +211,9 @@ class Trainer:
             self.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
             loss, loss_metrics = self.forward_loss(batch, total_tokens, total_sequences)
             self.engine.backward(loss, scale_wrt_gas=False)
-            means.add(loss_metrics, weight=batch.num_tokens)
+            # Teacher metrics average over the tokens of the rows that have a teacher.
+            by_teacher = dict.fromkeys(TEACHER_METRICS, batch.teacher_tokens)
+            means.add(loss_metrics, weight=batch.num_tokens, weights=by_teacher)
         norm_before_step = local_grad_norm(self.engine)
         self.engine.step()
         metrics = means.result(self.world, self.device)
@@ -260,6 +261,7 @@ class Trainer:
             old_logprobs=logprobs.detach(),
             rollout_logprobs=batch.rollout_logprobs,
             teacher_logprobs=batch.teacher_logprobs,
+            has_teacher=batch.has_teacher,
             ref_logprobs=ref,
             advantages=batch.advantages,
             loss_mask=batch.loss_mask,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from services.common.protocol import CompletionRecord, RolloutGroup
+from services.config.algorithm import GrpoConfig, KdrlConfig, TrrdConfig
 from trainer.batch import MicroBatch, collate, empty_batch, flatten, pack
 
 CPU = torch.device("cpu")
+TRRD = TrrdConfig()
 
 
 def group(prompt: list[int], completions: list[list[int]]) -> RolloutGroup:
@@ -34,7 +37,7 @@ def group(prompt: list[int], completions: list[list[int]]) -> RolloutGroup:
 def test_completion_tokens_land_on_shifted_positions() -> None:
     # Prompt [5, 6, 7] (P=3), completion [8, 9]: logprob of token 8 is predicted from
     # position 2 (the last prompt token), token 9 from position 3 → positions 2 and 3.
-    samples = flatten([group([5, 6, 7], [[8, 9], [8]])], torch.tensor([[0.5, -0.5]]))
+    samples = flatten([group([5, 6, 7], [[8, 9], [8]])], torch.tensor([[0.5, -0.5]]), TRRD)
     batch = collate(samples, pad_id=0, device=CPU)
     assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 6, 7, 8, 0]]
     assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
@@ -48,7 +51,7 @@ def test_completion_tokens_land_on_shifted_positions() -> None:
 
 
 def test_empty_completions_are_skipped() -> None:
-    samples = flatten([group([1, 2], [[], [3]])], torch.tensor([[1.0, -1.0]]))
+    samples = flatten([group([1, 2], [[], [3]])], torch.tensor([[1.0, -1.0]]), TRRD)
     assert [s.input_ids for s in samples] == [[1, 2, 3]]
     assert samples[0].advantage == -1.0
 
@@ -57,7 +60,7 @@ def test_packing_respects_the_token_budget_and_keeps_every_sample() -> None:
     lengths = [3, 10, 4, 7, 7, 2, 9]
     prompt = [1]
     samples = flatten(
-        [group(prompt, [[2] * (n - 1) for n in lengths])], torch.zeros((1, len(lengths)))
+        [group(prompt, [[2] * (n - 1) for n in lengths])], torch.zeros((1, len(lengths))), TRRD
     )
     batches = pack(samples, token_budget=16)
     assert sorted(s.num_tokens for b in batches for s in b) == sorted(lengths)
@@ -66,9 +69,8 @@ def test_packing_respects_the_token_budget_and_keeps_every_sample() -> None:
 
 
 def test_empty_batch_has_no_loss_tokens() -> None:
-    batch = empty_batch(pad_id=0, with_teacher=True, device=CPU)
-    assert batch.num_tokens == 0
-    assert batch.teacher_logprobs is not None
+    batch = empty_batch(pad_id=0, device=CPU)
+    assert batch.num_tokens == batch.teacher_tokens == 0
 
 
 def tensors_of(batch: MicroBatch) -> list[torch.Tensor]:
@@ -79,6 +81,40 @@ def test_every_tensor_of_a_micro_batch_is_made_on_the_given_device() -> None:
     # The meta device stands in for a GPU: a tensor built on the CPU and left there would
     # meet the model on another device, which CUDA refuses at the first forward.
     meta = torch.device("meta")
-    samples = flatten([group([5, 6, 7], [[8, 9], [8]])], torch.tensor([[0.5, -0.5]]))
-    for batch in (collate(samples, 0, meta), empty_batch(0, True, meta)):
+    samples = flatten([group([5, 6, 7], [[8, 9], [8]])], torch.tensor([[0.5, -0.5]]), TRRD)
+    for batch in (collate(samples, 0, meta), empty_batch(0, meta)):
         assert tensors_of(batch) and {t.device for t in tensors_of(batch)} == {meta}
+
+
+def unscored(prompt: list[int], completions: list[list[int]], degraded: bool) -> RolloutGroup:
+    bare = group(prompt, completions)
+    for completion in bare.completions:
+        completion.teacher_logprobs = None
+    bare.degraded = degraded
+    return bare
+
+
+def test_rows_without_a_teacher_are_marked_and_zero_on_the_teacher_grid() -> None:
+    scored = group([5, 6, 7], [[8, 9]])
+    degraded = unscored([5, 6], [[8, 9, 10]], degraded=True)
+    degraded.completions[0].teacher_logprobs = [-1.0, -2.0, -3.0]  # left by a call cut short
+    samples = flatten([scored, degraded], torch.tensor([[0.5], [-0.5]]), TRRD)
+    assert samples[1].teacher_logprobs is None  # a degraded group's are never used
+    batch = collate(samples, pad_id=0, device=CPU)
+    assert batch.has_teacher is not None and batch.has_teacher.tolist() == [1.0, 0.0]
+    assert batch.teacher_logprobs.tolist() == [[0, 0, -10, -11], [0, 0, 0, 0]]
+    assert (batch.num_tokens, batch.teacher_tokens) == (5, 2)
+    assert collate(samples[:1], pad_id=0, device=CPU).has_teacher is None  # all have one
+
+
+def test_a_group_without_teacher_logprobs_is_refused_where_the_loss_reads_them() -> None:
+    skipped = unscored([5, 6], [[8], [9]], degraded=False)  # all rewards equal
+    zero = torch.zeros((1, 2))
+    assert len(flatten([skipped], zero, TRRD)) == 2  # A = 0: no teacher term, no gradient
+    assert len(flatten([skipped], torch.tensor([[1.0, -1.0]]), GrpoConfig())) == 2
+    with pytest.raises(ValueError, match="group g has completions without teacher logprobs"):
+        flatten([skipped], torch.tensor([[1.0, -1.0]]), TRRD)
+    with pytest.raises(ValueError, match="algorithm 'kdrl' needs them"):
+        flatten([skipped], zero, KdrlConfig())  # KD reads the teacher whatever A is
+    degraded = unscored([5, 6], [[8], [9]], degraded=True)
+    assert len(flatten([degraded], torch.tensor([[1.0, -1.0]]), KdrlConfig())) == 2
