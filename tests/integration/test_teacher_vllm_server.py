@@ -128,4 +128,6 @@ def test_auto_serves_a_float32_checkpoint_in_bfloat16_and_says_so(
         for seq, scores in zip(sequences, response.scores, strict=True)
         for served, expected in zip(scores.logprobs, reference.logprobs(seq), strict=True)
     )
-    assert gap > 1e-2  # bfloat16's noise, far above float32's 1e-4
+    # bfloat16's noise: 7e-3 nats on this untrained model's flat distributions (0.45 on the
+    # shipped, trained tiny teacher), against float32's agreement to 1e-4 above.
+    assert gap > 1e-3
