@@ -72,7 +72,8 @@ class HFTeacherEngine(EngineBase):
         self.max_len = facts.max_model_len
         super().__init__(
             config,
-            facts.server_info("teacher", "hf", config.model),
+            # `auto` kept the checkpoint's dtype (transformers reads it from config.json).
+            facts.server_info("teacher", "hf", config.model, self.model.dtype),
         )
         log.info("hf engine ready: %s on %s, %s", config.model, self.device, self.model.dtype)
 

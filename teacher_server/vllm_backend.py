@@ -56,11 +56,14 @@ class VLLMTeacherEngine(EngineBase):
             max_logprobs=max(config.max_top_k, 1),
             kv_cache_memory_bytes=config.kv_cache_bytes,
         )
+        # vLLM resolves `auto` itself and serves a float32 checkpoint in its platform's half
+        # precision (bfloat16 on x86 CPUs and recent GPUs): report what it chose.
+        dtype = self.llm.model_config.dtype
         super().__init__(
             config,
-            facts.server_info("teacher", "vllm", config.model),
+            facts.server_info("teacher", "vllm", config.model, dtype),
         )
-        log.info("vllm engine ready: %s", config.model)
+        log.info("vllm engine ready: %s in %s", config.model, dtype)
 
     def score_sequences(
         self, sequences: Sequence[ScoreSequence], top_k: int

@@ -5,6 +5,10 @@ Grid: a sequence is `prompt + completion`, right-padded to the micro-batch's lon
 Per-token tensors are `[b, L-1]` in "shifted" coordinates — position t holds the quantity of
 token t+1 — which is what `services.common.logprobs.sequence_logprobs` returns. Completion token j
 of a prompt of length P therefore sits at position P-1+j.
+
+Groups may come without teacher logprobs: degraded ones (no teacher answered, see
+services/workers/scorer.py) and those the scorer skipped because their rewards are all
+equal. Their rows carry `has_teacher` 0, and the loss trains them with α = 1.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ class Sample:
     input_ids: list[int]  # prompt + completion
     prompt_len: int
     rollout_logprobs: list[float]
-    teacher_logprobs: list[float] | None
+    teacher_logprobs: list[float] | None  # None: no teacher (degraded or skipped group)
     advantage: float
     correct: bool | None
 
@@ -42,17 +46,29 @@ class MicroBatch:
     attention_mask: torch.Tensor  # [b, L] long
     loss_mask: torch.Tensor  # [b, L-1] float, 1 on completion tokens
     rollout_logprobs: torch.Tensor  # [b, L-1]
-    teacher_logprobs: torch.Tensor | None  # [b, L-1]
+    # Always present, so that every micro-batch of every rank yields the same metrics.
+    teacher_logprobs: torch.Tensor  # [b, L-1], 0 on rows without a teacher
     advantages: torch.Tensor  # [b]
     correct: torch.Tensor | None  # [b] bool
+    has_teacher: torch.Tensor | None  # [b] float 1/0; None: every row has one
 
     @property
     def num_tokens(self) -> int:
         return int(self.loss_mask.sum().item())
 
+    @property
+    def teacher_tokens(self) -> int:
+        """Loss tokens of the rows with teacher logprobs (what teacher metrics average)."""
+        if self.has_teacher is None:
+            return self.num_tokens
+        return int((self.loss_mask.sum(dim=1) * self.has_teacher).sum().item())
+
 
 def flatten(groups: list[RolloutGroup], advantages: torch.Tensor) -> list[Sample]:
-    """`advantages` is [num_groups, G]; completions with no tokens carry no loss and are skipped."""
+    """`advantages` is [num_groups, G]; completions with no tokens carry no loss and are
+    skipped. A degraded group's teacher logprobs, if any, are not used. The trainer's
+    intake (trainer/intake.py) has made sure that every group carries the teacher
+    logprobs its loss reads."""
     samples = []
     for group, group_adv in zip(groups, advantages.tolist(), strict=True):
         for completion, adv in zip(group.completions, group_adv, strict=True):
@@ -63,7 +79,7 @@ def flatten(groups: list[RolloutGroup], advantages: torch.Tensor) -> list[Sample
                     input_ids=group.prompt_token_ids + completion.token_ids,
                     prompt_len=len(group.prompt_token_ids),
                     rollout_logprobs=completion.rollout_logprobs,
-                    teacher_logprobs=completion.teacher_logprobs,
+                    teacher_logprobs=None if group.degraded else completion.teacher_logprobs,
                     advantage=adv,
                     correct=completion.correct,
                 )
@@ -99,7 +115,7 @@ def collate(samples: list[Sample], pad_id: int, device: torch.device) -> MicroBa
     """Pad `samples` into one micro-batch on `device` (the engine's: one copy per tensor)."""
     length = max(s.num_tokens for s in samples)
     width = length - 1
-    with_teacher = all(s.teacher_logprobs is not None for s in samples)
+    teacher_rows = [s.teacher_logprobs is not None for s in samples]
     with_verdicts = all(s.correct is not None for s in samples)
     return MicroBatch(
         input_ids=torch.tensor(
@@ -120,9 +136,10 @@ def collate(samples: list[Sample], pad_id: int, device: torch.device) -> MicroBa
         ),
         teacher_logprobs=torch.tensor(
             [_on_grid(s, s.teacher_logprobs or [], width) for s in samples], device=device
-        )
-        if with_teacher
-        else None,
+        ),
+        has_teacher=None
+        if all(teacher_rows)
+        else torch.tensor(teacher_rows, dtype=torch.float32, device=device),
         advantages=torch.tensor([s.advantage for s in samples], device=device),
         correct=torch.tensor([bool(s.correct) for s in samples], device=device)
         if with_verdicts
@@ -130,7 +147,7 @@ def collate(samples: list[Sample], pad_id: int, device: torch.device) -> MicroBa
     )
 
 
-def empty_batch(pad_id: int, with_teacher: bool, device: torch.device) -> MicroBatch:
+def empty_batch(pad_id: int, device: torch.device) -> MicroBatch:
     """A micro-batch with no loss tokens: ranks with fewer micro-batches run these so that
     every rank enters the same number of collective forward/backward passes."""
     zeros = torch.zeros((1, 1), device=device)
@@ -139,7 +156,8 @@ def empty_batch(pad_id: int, with_teacher: bool, device: torch.device) -> MicroB
         attention_mask=torch.ones((1, 2), dtype=torch.long, device=device),
         loss_mask=zeros,
         rollout_logprobs=zeros,
-        teacher_logprobs=zeros if with_teacher else None,
+        teacher_logprobs=zeros,
         advantages=torch.zeros(1, device=device),
         correct=None,
+        has_teacher=None,
     )

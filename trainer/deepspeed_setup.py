@@ -41,9 +41,13 @@ def on_gpu() -> bool:
 
 def init_distributed() -> tuple[int, int]:
     """Returns (rank, world_size); on a GPU, binds this process to GPU `LOCAL_RANK`."""
+    if dist.is_initialized():  # a second trainer in one process joins the group it has
+        return dist.get_rank(), dist.get_world_size()
     listener = None
-    if "WORLD_SIZE" not in os.environ:
-        listener = _listen("127.0.0.1", 0)  # a free port, held from now on
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        # Alone, not under torchrun: a store of its own on a free loopback port, held from
+        # now on (whatever a parent that ran a trainer itself left in the environment).
+        listener = _listen("127.0.0.1", 0)
         port = listener.getsockname()[1]
         os.environ.update(
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"

@@ -4,7 +4,9 @@ The wire schema (`services.common.protocol`) already refuses a group whose compl
 are malformed in themselves (a logprob row of another length than the tokens, a value that
 is no finite logprob): the queue dead-letters it as undecodable. What is checked here
 depends on the run: the group size the rollout worker samples (the advantages are one
-[groups, G] tensor), the student's vocabulary, the algorithm's inputs, and the teacher's
+[groups, G] tensor), the student's vocabulary, the algorithm's inputs (teacher logprobs
+wherever the loss reads them: not in a degraded group, nor, but under KDRL, in a group of
+equal rewards), and the teacher's
 weights: the run is pinned to one teacher revision (`trainer.teacher_revision`, or else
 the first scored group's), so that two replicas serving different weights are never mixed
 silently. A group that fails is dead-lettered with the reason, and the trainer goes on:
@@ -27,6 +29,7 @@ class Intake:
     vocab_size: int  # the student's vocabulary: ids 0..vocab_size-1
     algorithm: str  # algorithm.name, for the reasons
     needs_teacher: bool  # the loss reads teacher logprobs (TRRD, KDRL)
+    teacher_on_every_group: bool  # even where the advantages are 0 (KDRL's KD term)
     teacher_revision: str | None = None  # pinned; None: the first scored group's
 
     def problem(self, group: RolloutGroup | None) -> str | None:
@@ -47,13 +50,16 @@ class Intake:
                 f"(0..{self.vocab_size - 1}), {len(outside)} such ids: the rollout server "
                 "must serve this student"
             )
-        if self.needs_teacher:
+        if self.needs_teacher and not group.degraded:
             unscored = [
                 i
                 for i, c in enumerate(group.completions)
                 if c.token_ids and c.teacher_logprobs is None
             ]
-            if unscored:
+            # A group of equal rewards has advantages of 0: without a KD term, its loss
+            # reads no teacher logprob, and the scorer skips the teacher for it.
+            needed = self.teacher_on_every_group or not group.rewards_all_equal
+            if unscored and needed:
                 return (
                     f"completions {unscored} have no teacher_logprobs, which algorithm "
                     f"{self.algorithm} needs: run the scorer in teacher mode"

@@ -6,6 +6,10 @@ with `r` the TRRD ratio (`trainer.surrogate`), `τ` the optional truncated impor
 weight, and `w` the aggregation weights over `loss_mask`. Micro-batches: pass the global
 batch's `total_tokens` / `total_sequences` (see `policy_loss`) and the micro-batch losses
 add up to the global-batch loss in every aggregation mode.
+
+A row without teacher logprobs (`has_teacher` 0: a group the scorer forwarded degraded, or
+skipped because its rewards are all equal) is trained with α = 1 — GRPO's ratio — and no
+KD term; the other rows keep the configured loss exactly.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ class LossInputs:
     advantages: torch.Tensor  # [B] one per completion
     loss_mask: torch.Tensor  # [B, T] 1 = real completion token
     teacher_logprobs: torch.Tensor | None = None  # [B, T] logp_T; needed by trrd / kdrl
+    # [B] 1/0: rows whose teacher_logprobs are real; the others (any values there) are
+    # trained with α = 1 and no KD. None: every row has them.
+    has_teacher: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None  # [B, T] reference policy; needed if kl_beta > 0
     correct: torch.Tensor | None = None  # [B] bool; for KDRL's reward-guided masking
     entropy: torch.Tensor | None = None  # [B, T] policy entropy, no grad; a metric only
@@ -66,6 +73,11 @@ def aggregation_scale(
     if config.aggregation == "seq-mean-token-mean":
         scale = scale / lengths.clamp(min=1.0)
     return scale
+
+
+# Metrics about the teacher: means over the loss tokens of rows that have one (weight them
+# by those tokens, `MicroBatch.teacher_tokens`, to combine micro-batches and ranks).
+TEACHER_METRICS = frozenset({"teacher_logprob_gap", "teacher_clamp_frac", "kd"})
 
 
 class _PrecomputedGradient(torch.autograd.Function):
@@ -112,7 +124,8 @@ def policy_loss(
     without them the loss is normalised within this micro-batch.
 
     Metrics are means over this micro-batch's loss tokens (weight them by
-    `loss_mask.sum()` to combine micro-batches and ranks). `loss` is reported as
+    `loss_mask.sum()` to combine micro-batches and ranks), those of `TEACHER_METRICS` over
+    the loss tokens of the rows with a teacher. `loss` is reported as
     `loss·total_tokens/tokens`, so that this token-weighted average returns the summed
     global loss exactly. Keys depend on the config and on which optional inputs are given:
     loss, policy_loss, ratio_mean, clip_frac_low, clip_frac_high, [dual_clip_frac],
@@ -128,10 +141,11 @@ def policy_loss(
         scale = aggregation_scale(lengths, config, total_tokens, total_sequences)  # [B]
         advantages = inputs.advantages.reshape(-1).float()  # [B]
         metric_sums: dict[str, torch.Tensor] = {}  # name -> Σ over loss tokens
+        teacher_rows, teacher_mask, teacher_tokens = _teacher_rows(inputs.has_teacher, mask, tokens)
 
         # Policy term: −A·clip(r), optionally reweighted by the truncated IS weight.
         old = inputs.old_logprobs.float()
-        ratio = trrd_ratio(logp, old, inputs.teacher_logprobs, mask, config)
+        ratio = trrd_ratio(logp, old, inputs.teacher_logprobs, teacher_mask, config, teacher_rows)
         clipped = clipped_ratio(ratio.ratio, advantages, config)
         policy_weights = mask * (scale * advantages.neg()).unsqueeze(1)  # [B, T] s·(−A)
         if config.tis_cap is not None:
@@ -155,8 +169,8 @@ def policy_loss(
         if ratio.teacher_gap_sum is not None:
             metric_sums["teacher_logprob_gap"] = ratio.teacher_gap_sum
         elif inputs.teacher_logprobs is not None:
-            teacher_sum = _masked_sum(inputs.teacher_logprobs.float(), mask)
-            metric_sums["teacher_logprob_gap"] = _masked_sum(logp, mask) - teacher_sum
+            teacher_sum = _masked_sum(inputs.teacher_logprobs.float(), teacher_mask)
+            metric_sums["teacher_logprob_gap"] = _masked_sum(logp, teacher_mask) - teacher_sum
         if inputs.entropy is not None:
             metric_sums["entropy"] = _masked_sum(inputs.entropy.float(), mask)
 
@@ -174,17 +188,31 @@ def policy_loss(
             kd_scale = scale * kd_beta(step, config)  # [B]
             if config.kd_reward_masking and inputs.correct is not None:
                 kd_scale = kd_scale * (~inputs.correct.bool()).float()  # no KD on correct ones
-            kd_weights = mask * kd_scale.unsqueeze(1)  # [B, T]
-            metric_sums["kd"] = _masked_sum(kd, mask)
+            kd_weights = teacher_mask * kd_scale.unsqueeze(1)  # [B, T]; none without a teacher
+            metric_sums["kd"] = _masked_sum(kd, teacher_mask)
             values["kd_loss"] = _masked_sum(kd, kd_weights)
             grad.addcmul_(kd_grad, kd_weights)
 
         value = torch.stack(list(values.values())).sum()
-        metrics = _metrics(values, metric_sums, tokens, total_tokens)
+        metrics = _metrics(values, metric_sums, tokens, total_tokens, teacher_tokens)
         if isinstance(config, KdrlConfig):
             metrics["kd_beta"] = kd_beta(step, config)
     grad = grad.to(inputs.trainer_logprobs.dtype)
     return _PrecomputedGradient.apply(inputs.trainer_logprobs, value, grad), metrics
+
+
+def _teacher_rows(
+    has_teacher: torch.Tensor | None,  # [B] 1/0, or None: every row
+    mask: torch.Tensor,  # [B, T] float loss mask
+    tokens: float,  # mask.sum()
+) -> tuple[torch.Tensor | None, torch.Tensor, float]:
+    """(rows with a teacher as float [B] or None for all, their loss tokens' mask [B, T],
+    the number of those tokens)."""
+    if has_teacher is None:
+        return None, mask, tokens
+    rows = has_teacher.reshape(-1).to(mask.dtype)
+    teacher_mask = mask * rows.unsqueeze(1)
+    return rows, teacher_mask, teacher_mask.sum().item()
 
 
 def _clip_counts(
@@ -213,15 +241,20 @@ def _metrics(
     metric_sums: dict[str, torch.Tensor],
     tokens: float,
     total_tokens: float | None,
+    teacher_tokens: float,
 ) -> dict[str, float]:
     """One host sync for all metrics; see `policy_loss` for what each one means."""
     names = list(values) + list(metric_sums)
     numbers = torch.stack([*values.values(), *metric_sums.values()]).tolist()
     per_token = 1.0 / tokens if tokens > 0 else 0.0
+    per_teacher_token = 1.0 / teacher_tokens if teacher_tokens > 0 else 0.0
     loss_scale = (tokens if total_tokens is None else total_tokens) * per_token
-    metrics = {
-        name: number * (loss_scale if name in values else per_token)
-        for name, number in zip(names, numbers, strict=True)
-    }
+
+    def scale(name: str) -> float:
+        if name in values:
+            return loss_scale
+        return per_teacher_token if name in TEACHER_METRICS else per_token
+
+    metrics = {name: number * scale(name) for name, number in zip(names, numbers, strict=True)}
     metrics["loss"] = sum(metrics[name] for name in values)
     return metrics

@@ -3,6 +3,7 @@ and averaging of per-micro-batch metrics across micro-batches and ranks."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -36,33 +37,34 @@ def batch_metrics(groups: list[RolloutGroup], version: int, stats: Any) -> dict[
 
 
 class WeightedMeans:
-    """Token-weighted means of per-micro-batch metrics, reduced over ranks."""
+    """Weighted means of per-micro-batch metrics, reduced over ranks: by tokens, or for a
+    metric that averages over fewer tokens (`trainer.loss.TEACHER_METRICS`), by those."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.weight = 0.0
+        self.sums: dict[str, list[float]] = {}  # key -> [Σ value·weight, Σ weight]
 
-    def add(self, metrics: dict[str, float], weight: float) -> None:
-        if weight <= 0:
-            # A padding micro-batch adds nothing, but its keys count: every rank must reduce
-            # the same keys (the loss returns a fixed set of them).
-            for key in metrics:
-                self.sums.setdefault(key, 0.0)
-            return
+    def add(
+        self, metrics: dict[str, float], weight: float, weights: Mapping[str, float] | None = None
+    ) -> None:
+        """`weights` overrides `weight` for the keys it names. A key of weight 0 (a padding
+        micro-batch) adds nothing, but counts: every rank must reduce the same keys (the
+        loss returns a fixed set of them)."""
         for key, value in metrics.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value) * weight
-        self.weight += weight
+            entry = self.sums.setdefault(key, [0.0, 0.0])
+            w = weight if weights is None else weights.get(key, weight)
+            if w > 0:
+                entry[0] += float(value) * w
+                entry[1] += w
 
     def result(self, world_size: int, device: torch.device) -> dict[str, float]:
         """Means over every rank's micro-batches (collective); `device`: the process
-        group's (NCCL reduces GPU tensors only)."""
+        group's (NCCL reduces GPU tensors only). A key no token weighs is left out."""
         keys = sorted(self.sums)
         values = torch.tensor(
-            [self.sums[k] for k in keys] + [self.weight], dtype=torch.float64, device=device
-        )
+            [self.sums[k] for k in keys], dtype=torch.float64, device=device
+        ).reshape(-1, 2)
         if world_size > 1:
             dist.all_reduce(values)
-        total = values[-1].item()
-        if total <= 0:
-            return {}
-        return {k: (values[i] / total).item() for i, k in enumerate(keys)}
+        return {
+            k: (values[i, 0] / values[i, 1]).item() for i, k in enumerate(keys) if values[i, 1] > 0
+        }

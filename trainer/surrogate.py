@@ -36,8 +36,9 @@ def trrd_ratio(
     trainer_logprobs: torch.Tensor,  # [B, T] logp (detached)
     old_logprobs: torch.Tensor,  # [B, T] logp_old
     teacher_logprobs: torch.Tensor | None,  # [B, T] logp_T; read by trrd only
-    loss_mask: torch.Tensor,  # [B, T] float
+    teacher_mask: torch.Tensor,  # [B, T] float: loss tokens of the rows with a teacher
     config: AlgorithmConfig,
+    teacher_rows: torch.Tensor | None = None,  # [B] float 1/0; None: every row has one
 ) -> Ratio:
     """TRRD's ratio, paper Eq. 3 with α weighting the student's OLD policy:
 
@@ -48,29 +49,49 @@ def trrd_ratio(
     mode the clamped term is constant beyond ±c, so those tokens move log r at rate α
     only; the anchor mode clamps a constant, so every token keeps slope 1. At exactly
     ±c the clamp is idle (as torch.clamp's gradient has it). For grpo and kdrl this is
-    GRPO's `log r = logp − logp_old`. Buffers are reused in place: on the CPU, fresh
-    [B, T] tensors cost more than the arithmetic.
+    GRPO's `log r = logp − logp_old`, and so it is, with α = 1, on a row that has no
+    teacher logprobs (`teacher_rows` 0: a degraded group); there the clamp counts as idle.
+    Buffers are reused in place: on the CPU, fresh [B, T] tensors cost more than the
+    arithmetic.
     """
     log_ratio = trainer_logprobs - old_logprobs
     slope = in_band = gap_sum = None
     if isinstance(config, TrrdConfig):
         assert teacher_logprobs is not None, "trainer.loss checks that trrd has a teacher"
         alpha, c = config.alpha, config.teacher_clamp
+        # The teacher's share of log r, per row: 1 − α, or 0 (α = 1) without a teacher.
+        share: float | torch.Tensor = 1.0 - alpha
+        if teacher_rows is not None:
+            share = (teacher_rows * (1.0 - alpha)).unsqueeze(1)  # [B, 1]
         if config.clamp_mode == "ratio":
             gap = trainer_logprobs - teacher_logprobs
-            gap_sum = torch.dot(gap.reshape(-1), loss_mask.reshape(-1))
+            gap_sum = torch.dot(gap.reshape(-1), teacher_mask.reshape(-1))
             clamped = gap.clamp(-c, c)
-            log_ratio.lerp_(clamped, 1.0 - alpha)  # α·log_ratio + (1 − α)·clamped
-            in_band = torch.eq(clamped, gap, out=gap)
+            log_ratio.lerp_(clamped, share)  # (1 − share)·log_ratio + share·clamped
+            in_band = _idle_without_teacher(torch.eq(clamped, gap, out=gap), teacher_rows)
             alpha_t = torch.tensor(alpha, dtype=gap.dtype, device=gap.device)
             slope = torch.add(alpha_t, in_band, alpha=1.0 - alpha, out=clamped)  # α + (1−α)·1
         else:
             shift = old_logprobs - teacher_logprobs
             clamped = shift.clamp(-c, c)
-            log_ratio.add_(clamped, alpha=1.0 - alpha)
-            in_band = torch.eq(clamped, shift, out=shift)
+            if isinstance(share, torch.Tensor):
+                log_ratio.addcmul_(clamped, share)
+            else:
+                log_ratio.add_(clamped, alpha=share)
+            in_band = _idle_without_teacher(torch.eq(clamped, shift, out=shift), teacher_rows)
     ratio = log_ratio.clamp_(max=LOG_RATIO_CAP).exp_()
     return Ratio(ratio, slope, in_band, gap_sum)
+
+
+def _idle_without_teacher(
+    in_band: torch.Tensor,  # [B, T] 1/0
+    teacher_rows: torch.Tensor | None,  # [B] 1/0
+) -> torch.Tensor:
+    """The clamp never engages on a row without a teacher: in band there, so that its
+    slope is 1 (α + (1 − α)·1) and it counts no clamped token."""
+    if teacher_rows is None:
+        return in_band
+    return torch.maximum(in_band, (1.0 - teacher_rows).unsqueeze(1), out=in_band)
 
 
 def clip_bounds(

@@ -43,7 +43,7 @@ from trainer.deepspeed_setup import (
     training_dtype,
 )
 from trainer.intake import Intake
-from trainer.loss import LossInputs, policy_loss
+from trainer.loss import TEACHER_METRICS, LossInputs, policy_loss
 from trainer.metrics_sink import MetricsSink
 from trainer.step_metrics import WeightedMeans, batch_metrics
 from trainer.weight_sync import PushReport, WeightSync
@@ -86,6 +86,7 @@ class Trainer:
             vocab_size=int(model.config.get_text_config().vocab_size),
             algorithm=self.algorithm.name,
             needs_teacher=self.algorithm.uses_teacher,
+            teacher_on_every_group=self.algorithm.teacher_on_every_group,
             teacher_revision=self.config.teacher_revision,
         )
         self.engine = create_engine(model, self.config, self.world)
@@ -230,8 +231,7 @@ class Trainer:
         count = torch.tensor([len(batches)], device=self.device)
         if self.world > 1:
             dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        with_teacher = self.algorithm.uses_teacher
-        batches += [empty_batch(pad_id, with_teacher, self.device)] * (int(count) - len(batches))
+        batches += [empty_batch(pad_id, self.device)] * (int(count) - len(batches))
         return batches, batch_metrics(groups, self.progress.policy_version, stats)
 
     # ------------------------------------------------------------ one step
@@ -275,7 +275,9 @@ class Trainer:
             self.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
             loss, loss_metrics = self.forward_loss(batch, total_tokens, total_sequences)
             self.engine.backward(loss, scale_wrt_gas=False)
-            means.add(loss_metrics, weight=batch.num_tokens)
+            # Teacher metrics average over the tokens of the rows that have a teacher.
+            by_teacher = dict.fromkeys(TEACHER_METRICS, batch.teacher_tokens)
+            means.add(loss_metrics, weight=batch.num_tokens, weights=by_teacher)
         norm_before_step = local_grad_norm(self.engine)
         self.engine.step()
         metrics = means.result(self.world, self.device)
@@ -320,6 +322,7 @@ class Trainer:
             old_logprobs=logprobs.detach(),
             rollout_logprobs=batch.rollout_logprobs,
             teacher_logprobs=batch.teacher_logprobs,
+            has_teacher=batch.has_teacher,
             ref_logprobs=ref,
             advantages=batch.advantages,
             loss_mask=batch.loss_mask,

@@ -3,11 +3,38 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    from services.common.protocol import ServerInfo
+    from services.config.run import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+def check_teacher(student: ServerInfo, teacher: ServerInfo, run: RunConfig) -> None:
+    """At start: refuse a teacher whose tokenizer differs from the student's; warn when it
+    computes in a coarser dtype than the trainer trains in."""
+    from services.common.precision import teacher_precision_warning
+    from services.common.tokenizer_check import check_compatible
+    from trainer.deepspeed_setup import training_dtype
+
+    check_compatible(student, teacher)
+    where = ""
+    if run.trainer.dtype == "auto":
+        where = (
+            " (trainer.dtype auto, as it resolves on this machine; set trainer.dtype when the "
+            "trainer runs on another)"
+        )
+    warning = teacher_precision_warning(teacher, training_dtype(run.trainer), where)
+    if warning:
+        log.warning(warning)
 
 
 def command(
@@ -30,7 +57,6 @@ def command(
     from services.clients.teacher import TeacherClient
     from services.common.http_server import api_key
     from services.common.runtime import StopFlag, configure_logging
-    from services.common.tokenizer_check import check_compatible
     from services.queue.connection import connect_async
     from services.queue.queues import AsyncQueue
     from services.workers.scorer import Scorer, Stopped, until_stopped
@@ -61,7 +87,7 @@ def command(
                             )
                         except Stopped:
                             return
-                        check_compatible(*infos)
+                        check_teacher(*infos, run)
                 await Scorer(run.scorer, queue, client, consumer).run(stop)
 
     asyncio.run(main())

@@ -55,6 +55,12 @@ class ReplicaSet:
         now = time.monotonic()
         return all(r.url in tried for r in self.replicas if r.available(now))
 
+    def any_reachable(self) -> bool:
+        """Some replica may answer now: its breaker is closed and its last health check
+        passed. Costs no request."""
+        now = time.monotonic()
+        return any(r.available(now) and not r.down_by_health for r in self.replicas)
+
     def next_opening(self) -> float:
         return min(r.open_until for r in self.replicas)
 

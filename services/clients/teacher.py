@@ -160,6 +160,12 @@ class TeacherClient:
             "GET", "/v1/info", None, ServerInfo, time.monotonic() + self.deadline_s
         )
 
+    def reachable(self) -> bool:
+        """Whether some replica may answer now, as the health checks and the last calls
+        found (no request is made): a scorer in degraded mode tries the teacher again once
+        this turns true."""
+        return self.pool.any_reachable()
+
     # ------------------------------------------------------------------ internals
 
     async def _score_chunk(

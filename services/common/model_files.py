@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from services.common.protocol import ServerInfo
@@ -35,8 +36,14 @@ class ModelFacts:
     max_model_len: int
 
     def server_info(
-        self, role: Literal["teacher", "rollout"], backend: Literal["vllm", "hf"], model: str
+        self,
+        role: Literal["teacher", "rollout"],
+        backend: Literal["vllm", "hf"],
+        model: str,
+        dtype: torch.dtype | str | None = None,
     ) -> ServerInfo:
+        """`dtype`: what the engine computes in, as it reports it after loading (a torch
+        dtype, or its name)."""
         return ServerInfo(
             role=role,
             model=model,
@@ -45,6 +52,7 @@ class ModelFacts:
             vocab_size=self.vocab_size,
             tokenizer_fingerprint=self.tokenizer_fingerprint,
             max_model_len=self.max_model_len,
+            dtype=None if dtype is None else str(dtype).removeprefix("torch."),
         )
 
 

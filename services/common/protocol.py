@@ -62,6 +62,11 @@ class ServerInfo(WireModel):
     vocab_size: int = Field(description="Rows of the model's embedding matrix.")
     tokenizer_fingerprint: str = Field(description="See `services.common.tokenizer_check`.")
     max_model_len: int = Field(description="Longest sequence (prompt + completion) accepted.")
+    dtype: str | None = Field(
+        default=None,
+        description="Teacher servers: the dtype the engine really computes in (`float32`, "
+        "`bfloat16`, `float16`), whatever `--dtype` asked for; `auto` resolves per backend.",
+    )
     policy_version: int | None = Field(
         default=None, description="Rollout servers: version of the weights now serving."
     )
@@ -331,6 +336,18 @@ class RolloutGroup(WireModel):
     prompt_token_ids: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
     completions: list[CompletionRecord] = Field(min_length=1)
     teacher_revision: str | None = None
+    degraded: bool = Field(
+        default=False,
+        description="Forwarded without teacher logprobs because no teacher answered for "
+        "scorer.degrade_after_s (scorer.on_teacher_down: grpo): the trainer trains this "
+        "group with alpha = 1 (plain GRPO) and no KD term.",
+    )
     timestamps: dict[str, float] = Field(
         default_factory=dict, description="Unix time per stage: generated, scored, trained."
     )
+
+    @property
+    def rewards_all_equal(self) -> bool:
+        """Every completion got the same reward: the group's advantages are all exactly 0
+        (the test `trainer.advantages` makes), so TRRD and GRPO learn nothing from it."""
+        return all(c.reward == self.completions[0].reward for c in self.completions)

@@ -26,6 +26,9 @@ class AlgorithmBase(StrictModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     uses_teacher: ClassVar[bool]  # whether the loss reads teacher logprobs
+    # Whether it reads them where every advantage is 0 too (KDRL's KD term): then the
+    # scorer must score every group, even one whose rewards are all equal.
+    teacher_on_every_group: ClassVar[bool] = False
 
     # Each variant narrows it to its own tag; declared here so that it comes first.
     name: str = Field(description="Which algorithm: trrd, grpo or kdrl.")
@@ -112,6 +115,7 @@ class KdrlConfig(AlgorithmBase):
     """KDRL: GRPO plus beta_kd * KD(student, teacher)."""
 
     uses_teacher = True
+    teacher_on_every_group = True
 
     name: Literal["kdrl"] = Field(default="kdrl", description="GRPO plus a KD term.")
     kd_estimator: KdEstimator = Field(

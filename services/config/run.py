@@ -93,6 +93,14 @@ class RunConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _kdrl_scores_every_group(self) -> RunConfig:
+        """KDRL's KD term reads the teacher on groups of equal rewards too: the scorer must
+        not skip them, whatever scorer.skip_zero_variance says (its default is on)."""
+        if self.algorithm.teacher_on_every_group:
+            self.scorer.skip_zero_variance = False
+        return self
+
+    @model_validator(mode="after")
     def _teacher_when_needed(self) -> RunConfig:
         if self.algorithm.uses_teacher and self.scorer.mode == "passthrough":
             raise ValueError(

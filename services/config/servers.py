@@ -195,8 +195,10 @@ class TeacherServerConfig(ServerConfig):
     port: int = Field(default=8100, ge=0, le=65535, description="TCP port to bind.")
     dtype: Dtype = Field(
         default="auto",
-        description="Weights and activations dtype; `auto` keeps the checkpoint's dtype. "
-        "Logprobs are always returned in float32.",
+        description="Weights and activations dtype. `auto`: the hf backend keeps the "
+        "checkpoint's dtype; vLLM keeps it too, except a float32 checkpoint, which it serves "
+        "in half precision (bfloat16 on x86 CPUs and bf16-capable GPUs). `GET /v1/info` "
+        "reports the dtype in use. Logprobs are always returned in float32.",
     )
     max_batch_tokens: int = Field(
         default=16384,

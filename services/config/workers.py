@@ -36,6 +36,26 @@ class ScorerConfig(StrictModel):
     )
     batch_groups: int = Field(default=4, ge=1, description="Groups scored per teacher call.")
     deadline_s: float = Field(default=120.0, gt=0.0, description="Per-call teacher deadline.")
+    skip_zero_variance: bool = Field(
+        default=True,
+        description="Forward a group whose rewards are all equal unscored, without a teacher "
+        "call: its advantages are 0, so TRRD and GRPO take no gradient from it (counted as "
+        "skipped_zero_variance). Always off for kdrl, whose KD term needs the teacher on "
+        "every group.",
+    )
+    on_teacher_down: Literal["wait", "grpo"] = Field(
+        default="wait",
+        description="When no teacher answers: `wait` keeps the groups pending until one does; "
+        "`grpo`, after degrade_after_s, forwards them unscored and marked degraded (trained "
+        "as plain GRPO, counted as degraded_groups) and scores again as soon as a teacher "
+        "answers.",
+    )
+    degrade_after_s: float = Field(
+        default=120.0,
+        gt=0.0,
+        description="on_teacher_down grpo: how long no teacher may answer before groups go "
+        "on unscored.",
+    )
 
 
 class QueueConfig(StrictModel):

@@ -7,7 +7,8 @@ Everything comes from the run's own keys, read through `QueueReader`
 - per consumer group: consumers, pending (delivered, not acknowledged), lag (in the stream,
   not yet delivered), and the age of the oldest entry the group still has to finish, taken
   from the millisecond part of that entry's id against the Redis server's clock;
-- the run counters (produced, scored, trained, stale, dead, replayed);
+- the run counters (produced, scored, trained, stale, dead, replayed, and of the scored
+  groups those forwarded unscored: skipped_zero_variance, degraded_groups);
 - the trainer's step, policy version and staleness histogram;
 - the scorers' last teacher-call latencies, as p50 / p99;
 - the newest dead letters with their reason.
@@ -30,7 +31,16 @@ from services.queue.queues import QueueReader
 from services.queue.readings import GroupProgress
 from services.queue.state import TrainerProgress
 
-COUNTERS = ("produced", "scored", "trained", "stale", "dead", "replayed")
+COUNTERS = (
+    "produced",
+    "scored",
+    "trained",
+    "stale",
+    "dead",
+    "replayed",
+    "skipped_zero_variance",  # forwarded unscored: all rewards equal (part of `scored`)
+    "degraded_groups",  # forwarded unscored: no teacher answered (part of `scored`)
+)
 RECENT_DEAD = 5
 
 

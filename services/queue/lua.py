@@ -11,12 +11,13 @@ if ARGV[2] ~= '' then redis.call('HINCRBY', KEYS[2], ARGV[2], 1) end
 return id
 """
 
-# KEYS: source, target, stats; ARGV: consumer group, message id, payload, counter.
-# Only the consumer whose acknowledgement succeeds publishes.
+# KEYS: source, target, stats; ARGV: consumer group, message id, payload, counter, second
+# counter ('' for none). Only the consumer whose acknowledgement succeeds publishes.
 FORWARD = """
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   local id = redis.call('XADD', KEYS[2], '*', 'data', ARGV[3])
   redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
+  if ARGV[5] ~= '' then redis.call('HINCRBY', KEYS[3], ARGV[5], 1) end
   return id
 end
 return false

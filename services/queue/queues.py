@@ -44,10 +44,16 @@ class GroupQueue:
         return self._runner.run(streams.publish(self.keys, stream, group, counter))
 
     def forward(
-        self, source: str, message_id: str, target: str, group: RolloutGroup, counter: str
+        self,
+        source: str,
+        message_id: str,
+        target: str,
+        group: RolloutGroup,
+        counter: str,
+        also: str | None = None,
     ) -> str | None:
         return self._runner.run(
-            streams.forward(self.keys, source, message_id, target, group, counter)
+            streams.forward(self.keys, source, message_id, target, group, counter, also)
         )
 
     def backlog(self) -> int:
@@ -122,10 +128,16 @@ class AsyncQueue:
         return await self._runner.run(streams.publish(self.keys, stream, group, counter))
 
     async def forward(
-        self, source: str, message_id: str, target: str, group: RolloutGroup, counter: str
+        self,
+        source: str,
+        message_id: str,
+        target: str,
+        group: RolloutGroup,
+        counter: str,
+        also: str | None = None,
     ) -> str | None:
         return await self._runner.run(
-            streams.forward(self.keys, source, message_id, target, group, counter)
+            streams.forward(self.keys, source, message_id, target, group, counter, also)
         )
 
     async def wait_for_room(

@@ -1,8 +1,8 @@
 """Run-wide state beside the streams: the run counters (produced, scored, trained, stale,
-dead, replayed), the trainer's progress (step, policy version and
-the staleness histogram of the groups it consumed) and the scorer's latest teacher-call
-latencies. `rlad monitor`, `rlad up` and the accounting tests read these as the one source
-of truth. Every operation is `Steps` (services/queue/runner.py).
+dead, replayed, skipped_zero_variance, degraded_groups), the trainer's progress (step,
+policy version and the staleness histogram of the groups it consumed) and the scorer's
+latest teacher-call latencies. `rlad monitor`, `rlad up` and the accounting tests read
+these as the one source of truth. Every operation is `Steps` (services/queue/runner.py).
 """
 
 from __future__ import annotations

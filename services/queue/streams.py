@@ -64,9 +64,16 @@ def publish(keys: RunKeys, stream: str, group: RolloutGroup, counter: str | None
 
 
 def forward(
-    keys: RunKeys, source: str, message_id: str, target: str, group: RolloutGroup, counter: str
+    keys: RunKeys,
+    source: str,
+    message_id: str,
+    target: str,
+    group: RolloutGroup,
+    counter: str,
+    also: str | None = None,
 ) -> Steps[str | None]:
-    """Acknowledge the source message and publish the processed group atomically.
+    """Acknowledge the source message and publish the processed group atomically, growing
+    `counter` and, when given, `also` (how the group was processed) with it.
 
     Only the consumer whose acknowledgement succeeds publishes, so a message that was
     reclaimed and processed twice is still forwarded once. Returns the new id, or None
@@ -75,7 +82,7 @@ def forward(
     new_id = yield Script(
         "forward",
         [keys.stream(source), keys.stream(target), keys.stats],
-        [CONSUMER_GROUPS[source], message_id, wire.encode(group), counter],
+        [CONSUMER_GROUPS[source], message_id, wire.encode(group), counter, also or ""],
     )
     yield from trim(keys, source)
     return text(new_id) if new_id else None

@@ -3,6 +3,11 @@
 to the `scored` stream, acknowledging the source in the same transaction. `passthrough` mode
 forwards groups unscored (plain GRPO).
 
+No teacher call that cannot matter: with `scorer.skip_zero_variance` (on by default, off for
+kdrl) a group whose rewards are all equal has advantages of exactly 0, so TRRD and GRPO take
+no gradient from it whatever the teacher says; it is forwarded unscored and counted as
+`skipped_zero_variance`.
+
 A failure costs only the groups at fault:
 
 - The teacher refuses a batch as invalid input (`TeacherRequestError`): the batch is
@@ -11,7 +16,10 @@ A failure costs only the groups at fault:
 - No teacher can score (`TeacherUnavailable`: all down, a wrong API key, a URL that serves
   no teacher, a garbled answer): the groups stay pending and the scorer retries with
   backoff (services/clients/retry.py), logging an ERROR that says what to fix; the trainer
-  waits, nothing is lost.
+  waits, nothing is lost. With `scorer.on_teacher_down: grpo`, once no teacher has answered
+  for `scorer.degrade_after_s`, groups are forwarded unscored and marked `degraded` (the
+  trainer takes them as plain GRPO; counted as `degraded_groups`) without a call while the
+  client's health checks find no teacher; as soon as one answers again, scoring resumes.
 - Anything else (a bug): nothing is dead-lettered. The groups stay pending, are delivered
   again after `queue.claim_idle_ms` and then scored one at a time, so that the queue's
   `queue.max_deliveries` bound parks only a group that keeps failing. A Redis error stops
@@ -34,12 +42,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from services.clients.retry import backoff
 from services.clients.teacher import TeacherRequestError, TeacherUnavailable
-from services.common import wire
 from services.common.protocol import CompletionRecord, RolloutGroup, ScoreSequence
 from services.config.workers import ScorerConfig
 from services.queue.keys import ROLLOUTS, SCORED
@@ -89,6 +95,8 @@ class Scorer:
         self.queue = queue
         self.teacher = teacher
         self.consumer = consumer
+        self.answered_at = time.monotonic()  # when a teacher last scored (or the start)
+        self.degraded = False  # whether groups go on unscored now (on_teacher_down: grpo)
 
     async def score_groups(self, groups: list[RolloutGroup]) -> None:
         """Fill `teacher_logprobs` of every non-empty completion, in one teacher call."""
@@ -104,6 +112,10 @@ class Scorer:
             return
         started = time.perf_counter()
         response = await self.teacher.score(sequences)  # type: ignore[union-attr]
+        self.answered_at = time.monotonic()
+        if self.degraded:
+            self.degraded = False
+            log.warning("a teacher answers again: groups are scored again")
         await self._record_latency((time.perf_counter() - started) * 1000)
         for completion, scores in zip(targets, response.scores, strict=True):
             completion.teacher_logprobs = scores.logprobs
@@ -137,20 +149,70 @@ class Scorer:
         refused = await self._score_or_refuse(deliveries[:half])
         return refused | await self._score_or_refuse(deliveries[half:])
 
+    async def _score_or_degrade(self, deliveries: list[Delivery]) -> dict[str, str] | None:
+        """`_score_or_refuse`, or None when the batch goes on degraded: with
+        `on_teacher_down: grpo`, no teacher has scored for `degrade_after_s` (a call is cut
+        when that time runs out). Degraded, the teacher is called only once the client's
+        health checks find one again, so that a batch does not wait on a teacher that is
+        gone. Otherwise `TeacherUnavailable` propagates: the caller retries."""
+        if self.config.on_teacher_down == "wait":
+            return await self._score_or_refuse(deliveries)
+        assert self.teacher is not None
+        budget_s = self.answered_at + self.config.degrade_after_s - time.monotonic()
+        if budget_s <= 0:  # degraded already
+            if not self.teacher.reachable():
+                self._degrade()
+                return None
+            budget_s = self.config.degrade_after_s  # the health checks see one: try it
+        try:
+            return await asyncio.wait_for(self._score_or_refuse(deliveries), budget_s)
+        except (TeacherUnavailable, TimeoutError):
+            if time.monotonic() - self.answered_at < self.config.degrade_after_s:
+                raise
+            self._degrade()
+            return None
+
+    def _degrade(self) -> None:
+        if not self.degraded:
+            self.degraded = True
+            log.error(
+                "no teacher has answered for %.0fs (scorer.degrade_after_s): forwarding groups "
+                "unscored, marked degraded and trained as plain GRPO, until a teacher answers "
+                "again. Restart or reach the teacher servers to get the distillation back.",
+                time.monotonic() - self.answered_at,
+            )
+
     async def process(self, deliveries: list[Delivery]) -> None:
         """Score (in teacher mode) and forward a batch, dead-lettering only the groups the
-        teacher refuses on their own. Any error leaves the unfinished groups pending."""
-        refused = await self._score_or_refuse(deliveries) if self.config.mode == "teacher" else {}
+        teacher refuses on their own; groups whose rewards are all equal go on unscored
+        (`skip_zero_variance`), and so does the batch when it degrades. Any error leaves the
+        unfinished groups pending."""
+        teacher_mode = self.config.mode == "teacher"
+        skipped = {
+            d.message_id
+            for d in deliveries
+            if teacher_mode and self.config.skip_zero_variance and _group(d).rewards_all_equal
+        }
+        to_score = [d for d in deliveries if teacher_mode and d.message_id not in skipped]
+        refused = await self._score_or_degrade(to_score) if to_score else {}
         now = time.time()
         for delivery in deliveries:
-            if delivery.message_id in refused:
+            group = _group(delivery)
+            also = None
+            if delivery.message_id in skipped:
+                also = "skipped_zero_variance"
+            elif refused is None and group.teacher_revision is None and teacher_mode:
+                _mark_degraded(group)
+                also = "degraded_groups"
+            elif refused is not None and delivery.message_id in refused:
                 await self.queue.dead_letter(
                     ROLLOUTS, delivery.message_id, refused[delivery.message_id]
                 )
                 continue
-            group = _group(delivery)
             group.timestamps["scored"] = now
-            await self.queue.forward(ROLLOUTS, delivery.message_id, SCORED, group, counter="scored")
+            await self.queue.forward(
+                ROLLOUTS, delivery.message_id, SCORED, group, counter="scored", also=also
+            )
 
     async def process_until_done(
         self, deliveries: list[Delivery], should_stop: Callable[[], bool]
@@ -158,11 +220,14 @@ class Scorer:
         """Retry while no teacher can score, until stopped; the messages stay pending
         meanwhile, and if another scorer reclaims and forwards them first, our forward is a
         no-op. An unexpected error is logged and leaves them pending too (module docstring)."""
+        max_wait_s = TEACHER_RETRY_MAX_S
+        if self.config.on_teacher_down == "grpo":  # a wait must not delay the degradation long
+            max_wait_s = min(max_wait_s, self.config.degrade_after_s)
         policy = backoff(
             TeacherUnavailable,
             lambda _: should_stop(),
-            initial_s=TEACHER_RETRY_S,
-            max_s=TEACHER_RETRY_MAX_S,
+            initial_s=min(TEACHER_RETRY_S, max_wait_s),
+            max_s=max_wait_s,
             log=log,
             level=logging.ERROR,
         )
@@ -224,14 +289,17 @@ def _group(delivery: Delivery) -> RolloutGroup:
     return delivery.group
 
 
+def _mark_degraded(group: RolloutGroup) -> None:
+    """Unscored: a call cut short may have left teacher logprobs on some completions."""
+    group.degraded = True
+    for completion in group.completions:
+        completion.teacher_logprobs = None
+
+
 def _sequence(group: RolloutGroup, completion: CompletionRecord) -> ScoreSequence:
-    """Prompt + completion, scored from the completion on. A group that cannot form a
-    valid request (an empty prompt, say) is refused here as the teacher would refuse it."""
-    try:
-        return ScoreSequence(
-            token_ids=group.prompt_token_ids + completion.token_ids,
-            start=len(group.prompt_token_ids),
-        )
-    except ValidationError as exc:
-        message = f"cannot be sent to the teacher: {wire.describe_invalid(exc)}"
-        raise TeacherRequestError(422, message) from exc
+    """Prompt + completion, scored from the completion on (a valid request: the group's
+    schema guarantees a prompt and non-negative ids)."""
+    return ScoreSequence(
+        token_ids=group.prompt_token_ids + completion.token_ids,
+        start=len(group.prompt_token_ids),
+    )

@@ -61,8 +61,9 @@ def monitor(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def built_queue(fresh_redis: redis.Redis) -> dict[str, str]:
-    """7 produced; the scorer takes 6: forwards 4, dead-letters 1, holds 1 (g5); the trainer
-    takes 3 of the 4 scored: trains 1, drops 1 as stale, holds 1 until its checkpoint.
+    """7 produced; the scorer takes 6: forwards 4 (1 skipped, 1 degraded), dead-letters 1,
+    holds 1 (g5); the trainer takes 3 of the 4 scored: trains 1, drops 1 as stale, holds 1
+    until its checkpoint.
     Left: rollouts g5 (pending) + g6 (undelivered); scored s2 (pending) + s3 (undelivered).
     Accounts: produced 7 = trained 1 + stale 1 + dead 1 + 2 in rollouts + 2 in scored."""
     queue = GroupQueue(fresh_redis, "test", QueueConfig())
@@ -70,9 +71,14 @@ def built_queue(fresh_redis: redis.Redis) -> dict[str, str]:
     taken = queue.consume(ROLLOUTS, "scorer-a", count=6, block_ms=100, reclaim=False)
     assert [d.message_id for d in taken] == ids[:6]
     scored_ids = []
-    for delivery in taken[:4]:
+    # Of the 4 scored, one went on without its teacher call (all rewards equal) and one
+    # degraded (no teacher answered): both counted as scored and as such.
+    how = [None, "skipped_zero_variance", "degraded_groups", None]
+    for delivery, also in zip(taken[:4], how, strict=True):
         assert delivery.group is not None
-        new_id = queue.forward(ROLLOUTS, delivery.message_id, SCORED, delivery.group, "scored")
+        new_id = queue.forward(
+            ROLLOUTS, delivery.message_id, SCORED, delivery.group, "scored", also
+        )
         assert new_id is not None
         scored_ids.append(new_id)
     queue.dead_letter(ROLLOUTS, taken[4].message_id, "scoring failed: teacher said 422")
@@ -110,6 +116,8 @@ def test_once_json_reports_exact_counts(
         "stale": 1,
         "dead": 1,
         "replayed": 0,
+        "skipped_zero_variance": 1,
+        "degraded_groups": 1,
     }
     rollouts, scored = snapshot.group(ROLLOUTS), snapshot.group(SCORED)
     assert (rollouts.consumers, rollouts.pending, rollouts.lag) == (1, 1, 1)

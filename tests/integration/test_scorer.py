@@ -201,13 +201,11 @@ def test_a_group_the_teacher_refuses_is_dead_lettered_alone(
 ) -> None:
     poisoned = rollout_group(3)
     poisoned.completions[1].token_ids = [20, 1_000_000]  # outside the teacher's vocabulary
-    no_prompt = rollout_group(4)
-    no_prompt.prompt_token_ids = []  # no token to condition the first one on
-    groups = [rollout_group(0), rollout_group(1), poisoned, rollout_group(2), no_prompt]
+    groups = [rollout_group(0), rollout_group(1), poisoned, rollout_group(2)]
     score_batch(redis_url, groups, teacher, api_key="")
 
     queue = GroupQueue(fresh_redis, "test")
-    assert queue.stats() == {"produced": 5, "scored": 3, "dead": 2}
+    assert queue.stats() == {"produced": 4, "scored": 3, "dead": 1}
     assert queue.pending_for(ROLLOUTS, "scorer-a") == []
     scored = scored_groups(fresh_redis)
     assert sorted(scored) == ["g0", "g1", "g2"]
@@ -222,12 +220,9 @@ def test_a_group_the_teacher_refuses_is_dead_lettered_alone(
         decode(fields[b"data"], RolloutGroup).group_id: fields[b"reason"].decode()
         for _, fields in fresh_redis.xrange(RunKeys("test").stream(DEAD))
     }
-    assert sorted(reasons) == ["g3", "g4"]
+    assert sorted(reasons) == ["g3"]
     assert f"{teacher} refused POST /v1/score: HTTP 422: sequences[" in reasons["g3"]
     assert "= 1000000 is outside the vocabulary" in reasons["g3"]
-    assert reasons["g4"] == (
-        "cannot be sent to the teacher: start: Input should be greater than or equal to 1"
-    )
 
 
 def test_a_wrong_api_key_keeps_the_groups_pending_until_it_is_fixed(

@@ -116,3 +116,38 @@ def test_bf16_with_gradient_checkpointing_matches_the_fp32_step(
     assert {v.dtype for v in full_state_dict(trainer.engine, zero_stage=0).values()} == {
         torch.float32
     }
+
+
+def test_groups_without_teacher_logprobs_train_beside_scored_ones(
+    tmp_path: Path, tiny_student: Path, fresh_redis: redis.Redis
+) -> None:
+    """A TRRD step on a scored group, one the scorer skipped (rewards all equal) and one it
+    forwarded degraded: it trains, and the teacher metrics are those of the scored group."""
+
+    def trainer(name: str) -> Trainer:
+        run = RunConfig.model_validate(
+            {
+                "name": name,
+                "run_dir": str(tmp_path),
+                "student": str(tiny_student),
+                "teacher": str(tiny_student),
+                "task": {"name": "kk"},
+                "algorithm": {"name": "trrd"},
+                "trainer": {"micro_batch_tokens": 64},
+            }
+        )
+        return Trainer(run, GroupQueue(fresh_redis, "test"), rollout_urls=[])
+
+    rng = random.Random(11)
+    scored, skipped, degraded = (scored_group(i, rng) for i in range(3))
+    for completion in skipped.completions:
+        completion.teacher_logprobs, completion.reward = None, 1.0
+    for completion in degraded.completions:
+        completion.teacher_logprobs = None
+    degraded.degraded = True
+    mixed = trainer("mixed").train_step([scored, skipped, degraded])
+    alone = trainer("alone").train_step([scored])
+    assert mixed["skipped_update"] == 0 and mixed["grad_norm"] > 0
+    assert mixed["zero_variance_groups"] == 1
+    for key in ("teacher_logprob_gap", "teacher_clamp_frac"):
+        assert mixed[key] == pytest.approx(alone[key], rel=1e-5), key

@@ -49,3 +49,19 @@ def test_synchronous_batches_end_on_request_boundaries() -> None:
     bad = {**BASE, "rollout": {"synchronous": True, "prompts_per_request": 3}}
     with pytest.raises(ValidationError, match="multiple"):
         RunConfig.model_validate(bad)
+
+
+@pytest.mark.parametrize(("name", "skips"), [("trrd", True), ("grpo", True), ("kdrl", False)])
+def test_the_scorer_skips_equal_reward_groups_except_for_kdrl(name: str, skips: bool) -> None:
+    for asked in ({}, {"skip_zero_variance": True}):  # kdrl's KD term needs every group
+        run = RunConfig.model_validate({**BASE, "algorithm": {"name": name}, "scorer": asked})
+        assert run.scorer.skip_zero_variance is skips
+    off = {**BASE, "algorithm": {"name": name}, "scorer": {"skip_zero_variance": False}}
+    assert RunConfig.model_validate(off).scorer.skip_zero_variance is False
+
+
+def test_degraded_scoring_is_opt_in() -> None:
+    run = RunConfig.model_validate(BASE)
+    assert (run.scorer.on_teacher_down, run.scorer.degrade_after_s) == ("wait", 120.0)
+    with pytest.raises(ValidationError, match="on_teacher_down"):
+        RunConfig.model_validate({**BASE, "scorer": {"on_teacher_down": "drop"}})

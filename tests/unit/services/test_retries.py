@@ -258,16 +258,19 @@ class FlakyTeacher:
 
 
 def rollout_group() -> RolloutGroup:
-    completion = CompletionRecord(
-        token_ids=[4, 5], rollout_logprobs=[-0.5, -1.0], reward=1.0, finish_reason="stop"
-    )
+    """Rewards that differ: a group the scorer must score (equal ones it would skip)."""
     return RolloutGroup(
         group_id="g0",
         prompt_id="p0",
         task="test",
         policy_version=0,
         prompt_token_ids=[1, 2, 3],
-        completions=[completion],
+        completions=[
+            CompletionRecord(
+                token_ids=[4, 5], rollout_logprobs=[-0.5, -1.0], reward=reward, finish_reason="stop"
+            )
+            for reward in (1.0, 0.0)
+        ],
     )
 
 

@@ -68,6 +68,7 @@ def test_info_names_model_revision_vocab_fingerprint_and_length(
     info = http.get("/v1/info").json()
     assert info == hf_engine.info().model_dump()
     assert info["vocab_size"] == 128 and info["max_model_len"] == 256
+    assert info["dtype"] == "float32"  # the engine's, as --dtype float32 asked
 
 
 BAD_INPUTS = [

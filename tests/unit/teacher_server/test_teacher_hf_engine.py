@@ -52,12 +52,19 @@ def test_bfloat16_engine_returns_float32_logprobs_close_to_fp32(
 ) -> None:
     engine = HFTeacherEngine(hf_config.model_copy(update={"dtype": "bfloat16"}))
     assert engine.model.dtype == torch.bfloat16
+    assert engine.info().dtype == "bfloat16"  # what /v1/info tells the scorer
     seq = random_sequences(1, seed=2, min_len=40)[0]
     (scores,) = engine.score(ScoreRequest(sequences=[seq])).scores
     diff = torch.tensor(scores.logprobs, dtype=torch.float64) - torch.tensor(
         reference.logprobs(seq)
     )
     assert diff.abs().max() < 0.1  # bf16 has ~3 significant digits
+
+
+def test_auto_keeps_the_checkpoints_dtype_and_says_so(hf_config: TeacherServerConfig) -> None:
+    engine = HFTeacherEngine(hf_config.model_copy(update={"dtype": "auto"}))
+    assert engine.model.dtype == torch.float32  # the tiny checkpoints are saved in float32
+    assert engine.info().dtype == "float32"
 
 
 def test_micro_batch_plan_covers_every_sequence_within_budget() -> None:

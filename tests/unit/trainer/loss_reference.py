@@ -49,6 +49,13 @@ def with_logprobs(inputs: LossInputs, logprobs: torch.Tensor) -> LossInputs:
     return dataclasses.replace(inputs, trainer_logprobs=logprobs.detach().clone().requires_grad_())
 
 
+def take_rows(inputs: LossInputs, rows: slice | torch.Tensor) -> LossInputs:
+    """The inputs of some rows only: a micro-batch of a batch."""
+    return LossInputs(
+        **{name: None if value is None else value[rows] for name, value in vars(inputs).items()}
+    )
+
+
 def loss_and_grad(
     inputs: LossInputs, config: AlgorithmConfig, step: int = 0, **totals: float
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:

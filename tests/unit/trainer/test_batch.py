@@ -66,9 +66,8 @@ def test_packing_respects_the_token_budget_and_keeps_every_sample() -> None:
 
 
 def test_empty_batch_has_no_loss_tokens() -> None:
-    batch = empty_batch(pad_id=0, with_teacher=True, device=CPU)
-    assert batch.num_tokens == 0
-    assert batch.teacher_logprobs is not None
+    batch = empty_batch(pad_id=0, device=CPU)
+    assert batch.num_tokens == batch.teacher_tokens == 0
 
 
 def tensors_of(batch: MicroBatch) -> list[torch.Tensor]:
@@ -80,5 +79,26 @@ def test_every_tensor_of_a_micro_batch_is_made_on_the_given_device() -> None:
     # meet the model on another device, which CUDA refuses at the first forward.
     meta = torch.device("meta")
     samples = flatten([group([5, 6, 7], [[8, 9], [8]])], torch.tensor([[0.5, -0.5]]))
-    for batch in (collate(samples, 0, meta), empty_batch(0, True, meta)):
+    for batch in (collate(samples, 0, meta), empty_batch(0, meta)):
         assert tensors_of(batch) and {t.device for t in tensors_of(batch)} == {meta}
+
+
+def unscored(prompt: list[int], completions: list[list[int]], degraded: bool) -> RolloutGroup:
+    bare = group(prompt, completions)
+    for completion in bare.completions:
+        completion.teacher_logprobs = None
+    bare.degraded = degraded
+    return bare
+
+
+def test_rows_without_a_teacher_are_marked_and_zero_on_the_teacher_grid() -> None:
+    scored = group([5, 6, 7], [[8, 9]])
+    degraded = unscored([5, 6], [[8, 9, 10]], degraded=True)
+    degraded.completions[0].teacher_logprobs = [-1.0, -2.0, -3.0]  # left by a call cut short
+    samples = flatten([scored, degraded], torch.tensor([[0.5], [-0.5]]))
+    assert samples[1].teacher_logprobs is None  # a degraded group's are never used
+    batch = collate(samples, pad_id=0, device=CPU)
+    assert batch.has_teacher is not None and batch.has_teacher.tolist() == [1.0, 0.0]
+    assert batch.teacher_logprobs.tolist() == [[0, 0, -10, -11], [0, 0, 0, 0]]
+    assert (batch.num_tokens, batch.teacher_tokens) == (5, 2)
+    assert collate(samples[:1], pad_id=0, device=CPU).has_teacher is None  # all have one

@@ -7,8 +7,15 @@ from __future__ import annotations
 from services.common.protocol import CompletionRecord, RolloutGroup
 from trainer.intake import Intake
 
-TRRD = Intake(group_size=2, vocab_size=100, algorithm="trrd", needs_teacher=True)
-GRPO = Intake(group_size=2, vocab_size=100, algorithm="grpo", needs_teacher=False)
+
+def intake(algorithm: str, revision: str | None = None) -> Intake:
+    needs_teacher, on_every_group = {"trrd": (True, False), "grpo": (False, False)}.get(
+        algorithm, (True, True)
+    )
+    return Intake(2, 100, algorithm, needs_teacher, on_every_group, teacher_revision=revision)
+
+
+TRRD, GRPO, KDRL = intake("trrd"), intake("grpo"), intake("kdrl")
 
 
 def completion(ids: list[int], scored: bool = True) -> CompletionRecord:
@@ -52,7 +59,9 @@ def test_ids_outside_the_vocabulary_are_refused() -> None:
 
 
 def test_missing_teacher_logprobs_are_refused_where_the_algorithm_needs_them() -> None:
-    unscored = group(completion([5, 6]), completion([7], scored=False))
+    rewarded = completion([7], scored=False)
+    rewarded.reward = 1.0  # rewards differ: the loss reads the teacher
+    unscored = group(completion([5, 6]), rewarded)
     reason = TRRD.problem(unscored)
     assert reason is not None
     assert "completions [1] have no teacher_logprobs, which algorithm trrd needs" in reason
@@ -70,25 +79,41 @@ def scored_by(revision: str) -> RolloutGroup:
 
 
 def test_the_first_scored_group_pins_the_teacher_revision() -> None:
-    intake = Intake(group_size=2, vocab_size=100, algorithm="trrd", needs_teacher=True)
-    assert intake.problem(scored_by("aaa")) is None
-    assert intake.problem(scored_by("aaa")) is None
-    problem = intake.problem(scored_by("bbb"))
+    pinned = intake("trrd")
+    assert pinned.problem(scored_by("aaa")) is None
+    assert pinned.problem(scored_by("aaa")) is None
+    problem = pinned.problem(scored_by("bbb"))
     assert problem is not None and problem.startswith(
         "scored by teacher revision bbb, but this run is pinned to aaa"
     )
 
 
 def test_a_configured_revision_refuses_any_other() -> None:
-    intake = Intake(
-        group_size=2, vocab_size=100, algorithm="trrd", needs_teacher=True, teacher_revision="bbb"
-    )
-    assert intake.problem(scored_by("aaa")) is not None
-    assert intake.problem(scored_by("bbb")) is None
+    pinned = intake("trrd", revision="bbb")
+    assert pinned.problem(scored_by("aaa")) is not None
+    assert pinned.problem(scored_by("bbb")) is None
 
 
 def test_unscored_groups_pin_nothing() -> None:
-    intake = Intake(group_size=2, vocab_size=100, algorithm="grpo", needs_teacher=False)
+    grpo = intake("grpo")
     unscored = group(completion([5], scored=False), completion([6], scored=False))
-    assert intake.problem(unscored.model_copy(update={"teacher_revision": "x"})) is None
-    assert intake.teacher_revision is None
+    assert grpo.problem(unscored.model_copy(update={"teacher_revision": "x"})) is None
+    assert grpo.teacher_revision is None
+
+
+def test_teacher_logprobs_are_needed_only_where_the_loss_reads_them() -> None:
+    def unscored_group(rewards: tuple[float, float], degraded: bool = False) -> RolloutGroup:
+        completions = [completion([5], scored=False), completion([6], scored=False)]
+        for record, reward in zip(completions, rewards, strict=True):
+            record.reward = reward
+        return group(*completions).model_copy(update={"degraded": degraded})
+
+    skipped = unscored_group((1.0, 1.0))  # equal rewards: advantages 0, the scorer skips it
+    assert TRRD.problem(skipped) is None
+    assert KDRL.problem(skipped) is not None  # the KD term reads the teacher whatever A is
+    mixed = unscored_group((0.0, 1.0))
+    problem = TRRD.problem(mixed)
+    assert problem is not None and "algorithm trrd needs" in problem
+    assert GRPO.problem(mixed) is None
+    degraded = unscored_group((0.0, 1.0), degraded=True)  # trained with alpha = 1, no KD
+    assert TRRD.problem(degraded) is None and KDRL.problem(degraded) is None

@@ -3,13 +3,20 @@ plain autograd transcription of docs/design.md#the-math, padding and micro-batch
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
-from loss_reference import algorithm, loss_and_grad, random_inputs, reference_loss_and_grad
+from loss_reference import (
+    algorithm,
+    loss_and_grad,
+    random_inputs,
+    reference_loss_and_grad,
+    take_rows,
+)
 
-from services.config.algorithm import GrpoConfig, KdrlConfig, TrrdConfig
+from services.config.algorithm import AlgorithmConfig, GrpoConfig, KdrlConfig, TrrdConfig
 from trainer.loss import LossInputs, policy_loss
 
 
@@ -180,7 +187,7 @@ def test_micro_batches_add_up_to_the_global_batch(aggregation: str) -> None:
     }
     parts, weighted_loss_metric = [], 0.0
     for rows in (slice(0, 3), slice(3, 7)):
-        part = LossInputs(**{name: value[rows] for name, value in vars(whole).items()})
+        part = take_rows(whole, rows)
         part_loss, part_grad, metrics = loss_and_grad(part, config, **totals)
         parts.append((part_loss, part_grad))
         weighted_loss_metric += metrics["loss"] * part.loss_mask.sum().item()
@@ -243,3 +250,63 @@ def test_inputs_the_config_needs_are_checked() -> None:
     inputs.correct = None
     with pytest.raises(ValueError, match="correct"):
         policy_loss(inputs, KdrlConfig(kd_reward_masking=True), step=0)
+
+
+# ---------------------------------------------------------------- rows without a teacher
+
+
+def without_teacher(inputs: LossInputs, rows: list[bool], garbage: float = -7.0) -> LossInputs:
+    """`inputs` where the rows marked False have no teacher: their teacher logprobs are
+    whatever (here `garbage`), and `has_teacher` says so."""
+    has = torch.tensor(rows, dtype=torch.float32)
+    assert inputs.teacher_logprobs is not None
+    teacher = torch.where(has.bool().unsqueeze(1), inputs.teacher_logprobs, garbage)
+    return dataclasses.replace(inputs, teacher_logprobs=teacher, has_teacher=has)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [TrrdConfig(), TrrdConfig(clamp_mode="anchor", alpha=0.2), KdrlConfig(kd_estimator="k3")],
+    ids=["trrd-ratio", "trrd-anchor", "kdrl"],
+)
+def test_a_batch_without_a_teacher_trains_exactly_as_grpo(config: AlgorithmConfig) -> None:
+    """Degraded rows (no teacher answered): α = 1, no KD, whatever their teacher values."""
+    inputs = random_inputs(seed=3)
+    grpo = GrpoConfig(**config.model_dump(include=set(GrpoConfig.model_fields) - {"name"}))
+    expected_loss, expected_grad, expected = loss_and_grad(inputs, grpo)
+    for garbage in (-7.0, 0.0, -1e4):
+        degraded = without_teacher(inputs, [False] * 6, garbage)
+        loss, grad, metrics = loss_and_grad(degraded, config)
+        assert loss.item() == expected_loss.item()
+        assert torch.equal(grad, expected_grad)
+        assert metrics["policy_loss"] == expected["policy_loss"]
+        assert metrics["ratio_mean"] == expected["ratio_mean"]
+        assert metrics.get("kd_loss", 0.0) == 0.0
+        assert metrics.get("teacher_clamp_frac", 0.0) == 0.0  # no tokens to clamp
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+@pytest.mark.parametrize("name", ["trrd", "kdrl"])
+def test_a_mixed_batch_equals_each_row_under_its_own_loss(aggregation: str, name: str) -> None:
+    """Rows with a teacher keep the configured loss exactly; rows without get GRPO's; the
+    batch's loss and gradient are the sum of the two computed apart (global totals)."""
+    config = algorithm(name=name, aggregation=aggregation, kl_beta=0.1)
+    grpo = algorithm(name="grpo", aggregation=aggregation, kl_beta=0.1)
+    rows = [True, False, True, False, False, True]
+    inputs = without_teacher(random_inputs(seed=4), rows)
+    loss, grad, metrics = loss_and_grad(inputs, config)
+    totals = {
+        "total_tokens": inputs.loss_mask.sum().item(),
+        "total_sequences": float(inputs.loss_mask.any(1).sum()),
+    }
+    scored, bare = torch.tensor(rows), ~torch.tensor(rows)
+    kept = dataclasses.replace(inputs, has_teacher=None)
+    with_loss, with_grad, with_metrics = loss_and_grad(take_rows(kept, scored), config, **totals)
+    bare_loss, bare_grad, _ = loss_and_grad(take_rows(kept, bare), grpo, **totals)
+    assert loss.item() == pytest.approx(with_loss.item() + bare_loss.item(), rel=1e-6)
+    torch.testing.assert_close(grad[scored], with_grad)
+    torch.testing.assert_close(grad[bare], bare_grad)
+    # Teacher metrics are means over the scored rows' tokens alone.
+    for key in ("teacher_logprob_gap", "teacher_clamp_frac", "kd"):
+        if key in with_metrics:
+            assert metrics[key] == pytest.approx(with_metrics[key], rel=1e-5), key

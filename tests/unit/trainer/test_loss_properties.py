@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from loss_reference import loss_and_grad, reference_loss_and_grad
+from loss_reference import loss_and_grad, reference_loss_and_grad, take_rows
 
 from services.config.algorithm import AlgorithmConfig, GrpoConfig, KdrlConfig, TrrdConfig
 from trainer.loss import LossInputs
@@ -97,7 +97,7 @@ def test_micro_batch_losses_sum_to_the_batch_loss(
     }
     parts = [
         loss_and_grad(
-            LossInputs(**{name: value[rows] for name, value in vars(inputs).items()}),
+            take_rows(inputs, rows),
             config,
             step=100,
             **totals,
