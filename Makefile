@@ -32,6 +32,7 @@ bench: setup
 	$(BIN)/python bench/teacher_scoring.py
 	$(BIN)/python bench/rollout.py
 	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/faults.py
 
 # GRPO vs KDRL vs RLAD through the real pipeline (about an hour on 2 CPU cores).
 compare: setup
