@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.constants import default_pg_timeout
 
+from services.common.precision import resolve_training_dtype
 from services.config.trainer import TrainerConfig
 from trainer.weight_buckets import iter_buckets, plan
 
@@ -101,9 +102,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def training_dtype(config: TrainerConfig) -> Literal["fp32", "bf16"]:
     """`trainer.dtype`, with `auto` resolved: bf16 on a GPU, fp32 on the CPU."""
-    if config.dtype == "auto":
-        return "bf16" if on_gpu() else "fp32"
-    return config.dtype
+    return resolve_training_dtype(config.dtype, on_gpu())
 
 
 def ds_config(config: TrainerConfig, world_size: int) -> dict[str, Any]:

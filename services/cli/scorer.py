@@ -21,9 +21,12 @@ log = logging.getLogger(__name__)
 def check_teacher(student: ServerInfo, teacher: ServerInfo, run: RunConfig) -> None:
     """At start: refuse a teacher whose tokenizer differs from the student's; warn when it
     computes in a coarser dtype than the trainer trains in."""
-    from services.common.precision import teacher_precision_warning
+    from services.common.precision import (
+        gpu_here,
+        resolve_training_dtype,
+        teacher_precision_warning,
+    )
     from services.common.tokenizer_check import check_compatible
-    from trainer.deepspeed_setup import training_dtype
 
     check_compatible(student, teacher)
     where = ""
@@ -32,7 +35,8 @@ def check_teacher(student: ServerInfo, teacher: ServerInfo, run: RunConfig) -> N
             " (trainer.dtype auto, as it resolves on this machine; set trainer.dtype when the "
             "trainer runs on another)"
         )
-    warning = teacher_precision_warning(teacher, training_dtype(run.trainer), where)
+    training = resolve_training_dtype(run.trainer.dtype, gpu_here())
+    warning = teacher_precision_warning(teacher, training, where)
     if warning:
         log.warning(warning)
 

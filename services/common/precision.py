@@ -9,6 +9,7 @@ the tiny float32 teacher served by vLLM with `--dtype auto` on a CPU).
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from services.common.protocol import ServerInfo
@@ -34,3 +35,21 @@ def teacher_precision_warning(
         "and KDRL's KD term take for signal. Serve the teacher with --dtype float32 "
         "(teacher_server.dtype: float32), or train in bf16 (trainer.dtype: bf16)."
     )
+
+
+def resolve_training_dtype(
+    dtype: Literal["auto", "fp32", "bf16"], on_gpu: bool
+) -> Literal["fp32", "bf16"]:
+    """`trainer.dtype` with `auto` resolved as the trainer resolves it: bf16 on a GPU."""
+    if dtype == "auto":
+        return "bf16" if on_gpu else "fp32"
+    return dtype
+
+
+def gpu_here() -> bool:
+    """Whether a trainer started on this machine would train on a GPU, judged without
+    DeepSpeed (which the scorer's image does not have): CUDA is there and DeepSpeed is not
+    told to use the CPU."""
+    import torch
+
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -221,3 +222,22 @@ def test_the_teacher_reports_its_dtype_and_the_scorer_warns_when_it_is_coarser(
     (warning,) = warnings
     assert f"computes in bfloat16, coarser than the trainer's {trained}" in warning
     assert "--dtype float32" in warning
+
+
+def test_the_dtype_check_needs_no_deepspeed(
+    tmp_path: Path,
+    tiny_student: Path,
+    tiny_teacher: Path,
+    teacher: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The scorer's image has no DeepSpeed: `trainer.dtype: auto` is resolved without it."""
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # any import of it fails
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # auto: fp32, as a CPU trainer trains
+    info = ServerInfo.model_validate(httpx.get(f"{teacher}/v1/info", timeout=10).json())
+    coarse = info.model_copy(update={"dtype": "bfloat16"})
+    run = run_config(tmp_path, tiny_student, tiny_teacher, trainer={"dtype": "auto"})
+    with caplog.at_level(logging.WARNING, logger="services.cli.scorer"):
+        check_teacher(info, coarse, run)
+    assert "coarser than the trainer's fp32 (trainer.dtype auto" in caplog.text
