@@ -16,10 +16,10 @@ from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception_type,
-    wait_exponential,
-    wait_random,
 )
 from tenacity.stop import StopBaseT
+
+from services.common.backoff import jittered_exponential
 
 
 class TransientError(Exception):
@@ -45,8 +45,7 @@ def backoff(
     return AsyncRetrying(
         retry=retry_if_exception_type(retry_on),
         stop=stop,
-        # wait_exponential_jitter, whose `initial` recent tenacity releases deprecate
-        wait=wait_exponential(multiplier=initial_s, max=max_s) + wait_random(0, initial_s),
+        wait=jittered_exponential(initial_s, max_s),
         before_sleep=_log_retry(log, level),
         reraise=True,
     )

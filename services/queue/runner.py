@@ -31,10 +31,9 @@ from tenacity import (
     Retrying,
     retry_if_exception_type,
     stop_after_delay,
-    wait_exponential,
-    wait_random,
 )
 
+from services.common.backoff import jittered_exponential
 from services.queue.lua import SCRIPTS
 
 T = TypeVar("T")
@@ -96,7 +95,7 @@ def _outage_policy(outage_s: float) -> dict[str, Any]:
     return {
         "retry": retry_if_exception_type(OUTAGE_ERRORS),
         "stop": stop_after_delay(outage_s),
-        "wait": wait_exponential(multiplier=0.1, max=2.0) + wait_random(0, 0.1),
+        "wait": jittered_exponential(0.1, 2.0),
         "before_sleep": _log_outage,
         "reraise": True,
     }
