@@ -67,6 +67,7 @@ def command(
     from services.clients.teacher import TeacherClient
     from services.common.http_server import api_key
     from services.common.runtime import StopFlag, configure_logging
+    from services.config.workers import parse_teacher_url
     from services.queue.connection import connect_async
     from services.queue.queues import AsyncQueue
     from services.workers.scorer import Scorer, Stopped, until_stopped
@@ -79,6 +80,11 @@ def command(
     urls = [] if passthrough else expand_teacher_urls(teacher_url or env_urls or run.teacher_urls)
     if not passthrough and not urls:
         raise typer.BadParameter("no teacher: pass --teacher-url or set TEACHER_URLS")
+    for url in urls:
+        try:
+            parse_teacher_url(url)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--teacher-url") from exc
 
     async def main() -> None:
         async with connect_async(redis_url) as redis_client:

@@ -296,3 +296,13 @@ def test_the_probe_is_what_tokenize_answers_for_the_probe_text() -> None:
     strs = tokenizer.convert_ids_to_tokens(ids)
     assert len(ids) > 100 and "Ġ" in strs  # the character tokenizer splits it finely
     assert tokenizer_probe(tokenizer) == probe_digest(ids, strs)
+
+
+def test_the_precision_check_says_it_cannot_see_an_openai_servers_dtype() -> None:
+    from services.common.precision import teacher_precision_warning
+
+    teacher = _info("openai", None, "p1")
+    warning = teacher_precision_warning(teacher, "fp32")
+    assert warning is not None and "does not say what dtype it computes in" in warning
+    assert "--dtype float32" in warning
+    assert teacher_precision_warning(teacher, "bf16") is None  # nothing coarser than bf16 here
