@@ -20,11 +20,12 @@ vLLM answers every invalid input with 400, as it does a request it cannot serve 
 sequences (`INPUT_FAULTS`) count as input faults, so that a deployment fault never
 dead-letters groups.
 
-SGLang differs: it takes token ids as `input_ids` on its native `POST /generate` with
-`return_logprob: true`, `logprob_start_len` (the first scored position) and
-`top_logprobs_num`, and answers `meta_info.input_token_logprobs` as `[logprob, id, text]`
-triples and `input_top_logprobs` per position; it has no `prompt_logprobs` on
-`/v1/completions`. Another `TeacherApi` beside this one would speak it.
+SGLang differs: its OpenAI routes do not take vLLM's `prompt_logprobs` extension; its
+native `POST /generate` takes the token ids as `input_ids` with `return_logprob: true`,
+`logprob_start_len` (the first position to score, so the prompt's part is not sent back),
+`top_logprobs_num` and `sampling_params: {max_new_tokens: 0}` (no token to generate), and
+answers per position in `meta_info.input_token_logprobs` (`[logprob, id, text]`) and
+`meta_info.input_top_logprobs`. Another `TeacherApi` beside this one would speak it.
 """
 
 from __future__ import annotations

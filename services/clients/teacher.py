@@ -146,7 +146,8 @@ class TeacherClient:
         return _merge(await _all(self._score_chunk(chunk, top_k, deadline) for chunk in chunks))
 
     async def info(self) -> ServerInfo:
-        """What any healthy replica publishes (an rlad teacher's `GET /v1/info`)."""
+        """What any healthy replica publishes: an rlad teacher's `GET /v1/info`, or what
+        a `vllm serve` shows (`services.clients.openai_teacher.server_info`)."""
         return await self._request(lambda api: api.info(), time.monotonic() + self.deadline_s)
 
     def reachable(self) -> bool:
