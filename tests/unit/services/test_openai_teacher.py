@@ -138,7 +138,11 @@ class FakeVllm:
         self.app.post("/v1/completions")(self.completions)
         self.app.get("/v1/models")(self.models)
         self.app.post("/tokenize")(self.tokenize)
-        self.app.get("/health")(lambda: Response())
+        self.app.get("/health")(self.health)
+
+    def health(self) -> Response:
+        # vLLM's /health sits beside /v1, not under it; 503 once its engine has died
+        return Response(status_code=503 if self.mode == "engine dead" else 200)
 
     def completions(self) -> Response:
         if self.mode == "garbled":  # a 200 that is no completions answer
@@ -199,6 +203,20 @@ def test_the_client_scores_and_describes_an_openai_server(
     assert info.tokenizer_probe == probe_digest([7, 8], ["a", "b"])
     fake.mode = "no tokenize"
     assert _run(url, "info").tokenizer_probe is None  # said by the check, see below
+
+
+def test_health_checks_read_vllms_health_route(fake_vllm: tuple[FakeVllm, str]) -> None:
+    fake, url = fake_vllm
+
+    async def reachable_after_a_check() -> bool:
+        async with TeacherClient([url], health_interval_s=0.05) as client:
+            await asyncio.sleep(0.3)
+            return client.reachable()
+
+    fake.mode = "vllm"
+    assert asyncio.run(reachable_after_a_check())
+    fake.mode = "engine dead"
+    assert not asyncio.run(reachable_after_a_check())
 
 
 def test_a_200_that_is_not_a_completions_answer_says_what_to_fix(
