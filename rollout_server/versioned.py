@@ -109,6 +109,7 @@ class VersionedEngine:
             backend=self.backend,
             vocab_size=self.facts.vocab_size,
             tokenizer_fingerprint=self.facts.tokenizer_fingerprint,
+            tokenizer_probe=self.facts.tokenizer_probe,
             max_model_len=self.facts.max_model_len,
             policy_version=self.gate.version,
         )

@@ -108,6 +108,8 @@ def validate_request(request: ScoreRequest, info: ServerInfo, config: TeacherSer
             f"request carries {total} tokens in {len(request.sequences)} sequences, over the "
             f"limit of {config.max_request_tokens}; split it into smaller requests",
         )
+    vocab_size = info.vocab_size
+    assert vocab_size is not None, "a teacher engine reads its vocabulary size from the model"
     for index, seq in enumerate(request.sequences):
         if len(seq.token_ids) > info.max_model_len:
             raise ApiError(
@@ -118,15 +120,15 @@ def validate_request(request: ScoreRequest, info: ServerInfo, config: TeacherSer
                 detail=[{"loc": ["sequences", str(index), "token_ids"], "msg": "too long"}],
             )
         ids = seq.token_ids
-        if ids and min(ids) >= 0 and max(ids) < info.vocab_size:
+        if ids and min(ids) >= 0 and max(ids) < vocab_size:
             continue
-        outside = [pos for pos, token in enumerate(ids) if not 0 <= token < info.vocab_size]
+        outside = [pos for pos, token in enumerate(ids) if not 0 <= token < vocab_size]
         pos = outside[0]
         raise ApiError(
             422,
             "invalid_request",
             f"sequences[{index}].token_ids[{pos}] = {ids[pos]} is outside the vocabulary "
-            f"(0..{info.vocab_size - 1}); {len(outside)} such ids in this sequence",
+            f"(0..{vocab_size - 1}); {len(outside)} such ids in this sequence",
             detail=[
                 {"loc": ["sequences", str(index), "token_ids", str(pos)], "msg": "not in vocab"}
             ],

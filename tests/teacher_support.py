@@ -1,6 +1,6 @@
 """Helpers for the teacher server tests: a naive reference forward pass, a teacher app
 served in a background thread (real HTTP on loopback, no process start-up; see
-`tests.server_support`), and a `rlad serve-teacher` child process."""
+`tests.server_support`), a `rlad serve-teacher` child process, and a `vllm serve` one."""
 
 from __future__ import annotations
 
@@ -90,3 +90,23 @@ def start_teacher(
         proc.stop()
         raise
     return proc, url
+
+
+def start_vllm_serve(model_dir: Path, log_dir: Path, *args: str) -> tuple[ManagedProcess, str]:
+    """vLLM's own OpenAI-compatible server (`vllm serve`, CPU build, float32, 1 GiB of KV
+    cache) as a child process; returns it and its teacher URL (`openai+http://…/v1`) once
+    healthy."""
+    port = free_port()
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
+    argv += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", *args]
+    proc = ManagedProcess(
+        f"vllm-serve-{port}", argv, log_dir / f"vllm-serve-{port}.log",
+        env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+    ).start()  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        proc.wait_healthy(f"{url}/health", timeout_s=300)
+    except Exception:
+        proc.stop()
+        raise
+    return proc, f"openai+{url}/v1"

@@ -1,4 +1,5 @@
-"""`rlad query-teacher`: call a teacher's `POST /v1/score` from the command line.
+"""`rlad query-teacher`: score sequences on teachers from the command line (an rlad
+teacher's `POST /v1/score`, or a `vllm serve` through an `openai+http://…/v1` URL).
 
     rlad query-teacher --url http://127.0.0.1:8100 --input sequences.jsonl --top-k 5 > scores.jsonl
 
@@ -18,7 +19,12 @@ import typer
 
 
 def command(
-    url: list[str] = typer.Option(..., "--url", help="Teacher server URL (repeatable)."),
+    url: list[str] = typer.Option(
+        ...,
+        "--url",
+        help="Teacher URL (repeatable): http://host:8100 for rlad serve-teacher, "
+        "openai+http://host:8000/v1 for vllm serve.",
+    ),
     input: Path = typer.Option(..., exists=True, dir_okay=False, help="JSONL of sequences."),
     output: Path = typer.Option(None, help="Where to write JSONL scores (default: stdout)."),
     top_k: int = typer.Option(0, min=0, help="Also return the k most likely ids per token."),
@@ -31,8 +37,14 @@ def command(
 
     from services.clients.teacher import TeacherClient
     from services.common.protocol import ScoreSequence
+    from services.config.workers import parse_teacher_url
 
     console = Console(stderr=True)
+    for each in url:
+        try:
+            parse_teacher_url(each)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--url") from exc
     sequences = []
     for number, line in enumerate(input.read_text().splitlines(), start=1):
         if not line.strip():

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 def check_teacher(student: ServerInfo, teacher: ServerInfo, run: RunConfig) -> None:
     """At start: refuse a teacher whose tokenizer differs from the student's; warn when it
-    computes in a coarser dtype than the trainer trains in."""
+    computes in a coarser dtype than the trainer trains in, or when what the teacher
+    publishes cannot tell either (an OpenAI-compatible teacher)."""
     from services.common.precision import (
         gpu_here,
         resolve_training_dtype,
@@ -28,7 +29,9 @@ def check_teacher(student: ServerInfo, teacher: ServerInfo, run: RunConfig) -> N
     )
     from services.common.tokenizer_check import check_compatible
 
-    check_compatible(student, teacher)
+    cannot_tell = check_compatible(student, teacher)
+    if cannot_tell:
+        log.warning(cannot_tell)
     where = ""
     if run.trainer.dtype == "auto":
         where = (
@@ -44,7 +47,10 @@ def check_teacher(student: ServerInfo, teacher: ServerInfo, run: RunConfig) -> N
 def command(
     config: Path = typer.Option(..., "--config", exists=True, help="Experiment YAML."),
     teacher_url: list[str] = typer.Option(
-        [], "--teacher-url", help="Teacher server URL (repeatable; default: env TEACHER_URLS)."
+        [],
+        "--teacher-url",
+        help="Teacher URL (repeatable; default: env TEACHER_URLS): http://host:8100 for rlad "
+        "serve-teacher, openai+http://host:8000/v1 for vllm serve.",
     ),
     rollout_url: str | None = typer.Option(
         None, "--rollout-url", help="A rollout server, to check tokenizer compatibility."
@@ -61,6 +67,7 @@ def command(
     from services.clients.teacher import TeacherClient
     from services.common.http_server import api_key
     from services.common.runtime import StopFlag, configure_logging
+    from services.config.workers import parse_teacher_url
     from services.queue.connection import connect_async
     from services.queue.queues import AsyncQueue
     from services.workers.scorer import Scorer, Stopped, until_stopped
@@ -73,6 +80,11 @@ def command(
     urls = [] if passthrough else expand_teacher_urls(teacher_url or env_urls or run.teacher_urls)
     if not passthrough and not urls:
         raise typer.BadParameter("no teacher: pass --teacher-url or set TEACHER_URLS")
+    for url in urls:
+        try:
+            parse_teacher_url(url)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--teacher-url") from exc
 
     async def main() -> None:
         async with connect_async(redis_url) as redis_client:

@@ -19,6 +19,8 @@ import logging
 import socket
 from urllib.parse import urlsplit, urlunsplit
 
+from services.config.workers import OPENAI_PREFIX
+
 log = logging.getLogger(__name__)
 
 
@@ -32,12 +34,14 @@ def resolve_ipv4(host: str, port: int) -> list[str]:
 
 
 def expand_teacher_urls(urls: list[str]) -> list[str]:
-    """One URL per replica address, in order, without duplicates."""
+    """One URL per replica address, in order, without duplicates; an API prefix
+    (`openai+http://…`) is kept on each."""
     expanded: list[str] = []
     for url in urls:
-        for candidate in _expand_one(url.rstrip("/")):
-            if candidate not in expanded:
-                expanded.append(candidate)
+        prefix = OPENAI_PREFIX if url.startswith(OPENAI_PREFIX) else ""
+        for replica in _expand_one(url.removeprefix(prefix).rstrip("/")):
+            if prefix + replica not in expanded:
+                expanded.append(prefix + replica)
     return expanded
 
 

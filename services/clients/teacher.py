@@ -8,13 +8,18 @@ per call. Past the deadline `TeacherUnavailable` names every replica and its las
 A background task polls `/health` so that a dead replica is skipped before a request fails
 on it, and a recovered one is used again.
 
+Each replica speaks the API its URL names (services/clients/teacher_api.py): an rlad
+teacher server (`http://host:8100`) or an OpenAI-compatible server such as `vllm serve`
+(`openai+http://host:8000/v1`, services/clients/openai_teacher.py); kinds may be mixed.
+
 Who is at fault decides the error. Only the input itself (422, or 413 for one sequence
-alone; a larger part refused as too large is split in two and sent again) raises
-`TeacherRequestError`: retrying it cannot help, other inputs can still be scored. Anything
-else (a wrong API key, a URL that serves no teacher, an answer that is not a valid
-`ScoreResponse`, no answer at all) is the teacher's or the deployment's fault and raises
-`TeacherUnavailable`, at once when every replica refused for a reason retrying within
-the call cannot fix; callers wait and retry, and the message says what to fix.
+alone; a larger part refused as too large is split in two and sent again; from vLLM, a
+400 that blames the prompt) raises `TeacherRequestError`: retrying it cannot help, other
+inputs can still be scored. Anything else (a wrong API key, a URL that serves no teacher,
+an answer that is not a valid `ScoreResponse`, no answer at all) is the teacher's or the
+deployment's fault and raises `TeacherUnavailable`, at once when every replica refused
+for a reason retrying within the call cannot fix; callers wait and retry, and the message
+says what to fix.
 
     async with TeacherClient(["http://10.0.0.5:8100", "http://10.0.0.6:8100"]) as teacher:
         response = await teacher.score([ScoreSequence(token_ids=ids, start=len(prompt))])
@@ -32,24 +37,20 @@ from types import TracebackType
 from typing import TypeVar
 
 import httpx
-from pydantic import BaseModel
 from tenacity import stop_before_delay
 
+from services.clients.openai_teacher import OpenAiApi
 from services.clients.replicas import Replica, ReplicaSet, split_batches
 from services.clients.retry import TransientError, backoff
+from services.clients.teacher_api import ApiCall, HttpCall, RladApi, TeacherApi
 from services.common import wire
 from services.common.http_server import API_KEY_ENV
-from services.common.protocol import (
-    ErrorResponse,
-    ScoreRequest,
-    ScoreResponse,
-    ScoreSequence,
-    ServerInfo,
-)
+from services.common.protocol import ScoreRequest, ScoreResponse, ScoreSequence, ServerInfo
 from services.common.tokenizer_check import check_compatible
+from services.config.workers import parse_teacher_url
 
 log = logging.getLogger(__name__)
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M")
 T = TypeVar("T")
 
 
@@ -66,20 +67,6 @@ class TeacherRequestError(RuntimeError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-# Why a replica refuses a request whatever sequences it carries, and how to fix it.
-_SAME_KEY = f"the client's {API_KEY_ENV} does not match the teacher's: give both the same key"
-_NO_TEACHER = "no teacher API at this URL: check --teacher-url / TEACHER_URLS"
-_OTHER_VERSION = "the teacher cannot read this client's requests: run one rlad version on both"
-REFUSAL_HINTS = {
-    400: _OTHER_VERSION,
-    401: _SAME_KEY,
-    403: _SAME_KEY,
-    404: _NO_TEACHER,
-    405: _NO_TEACHER,
-    415: _OTHER_VERSION,
-}
 
 
 class TeacherClient:
@@ -99,10 +86,14 @@ class TeacherClient:
         health_interval_s: float = 2.0,
         binary: bool = True,
     ) -> None:
-        """`api_key` defaults to `RLAD_API_KEY`; `deadline_s` bounds every call, retries
+        """`urls` name each replica's API (`services.config.workers.parse_teacher_url`);
+        `api_key` defaults to `RLAD_API_KEY`; `deadline_s` bounds every call, retries
         included; a replica's breaker opens for `breaker_open_s` after `breaker_failures`
         consecutive failures (or one failed health check)."""
-        self.pool = ReplicaSet(urls, breaker_failures, breaker_open_s)
+        endpoints = [parse_teacher_url(url) for url in urls]
+        self.pool = ReplicaSet([root for _, root in endpoints], breaker_failures, breaker_open_s)
+        apis: dict[str, TeacherApi] = {"rlad": RladApi(binary), "openai": OpenAiApi()}
+        self.apis = {root: apis[kind] for kind, root in endpoints}  # by replica URL
         self.replicas = self.pool.replicas
         self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
         self.deadline_s = deadline_s
@@ -155,10 +146,9 @@ class TeacherClient:
         return _merge(await _all(self._score_chunk(chunk, top_k, deadline) for chunk in chunks))
 
     async def info(self) -> ServerInfo:
-        """`GET /v1/info` from any healthy replica."""
-        return await self._request(
-            "GET", "/v1/info", None, ServerInfo, time.monotonic() + self.deadline_s
-        )
+        """What any healthy replica publishes: an rlad teacher's `GET /v1/info`, or what
+        a `vllm serve` shows (`services.clients.openai_teacher.server_info`)."""
+        return await self._request(lambda api: api.info(), time.monotonic() + self.deadline_s)
 
     def reachable(self) -> bool:
         """Whether some replica may answer now, as the health checks and the last calls
@@ -174,11 +164,8 @@ class TeacherClient:
         """Score one request; one refused as too large (the teacher's limits are lower
         than this client's) is split in two until each part fits or is a single sequence."""
         request = ScoreRequest(sequences=chunk, top_k=top_k)
-        body = wire.encode(request) if self.binary else request.model_dump_json().encode()
         try:
-            return await self._request(
-                "POST", "/v1/score", body, ScoreResponse, deadline, _scores_for(chunk)
-            )
+            return await self._request(lambda api: api.score(request), deadline, _scores_for(chunk))
         except TeacherRequestError as exc:
             if exc.status != 413 or len(chunk) == 1:
                 raise
@@ -196,15 +183,20 @@ class TeacherClient:
 
     async def _request(
         self,
-        method: str,
-        path: str,
-        body: bytes | None,
-        cls: type[M],
+        call_for: Callable[[TeacherApi], ApiCall[M]],
         deadline: float,
         check: Callable[[M], None] | None = None,
     ) -> M:
-        """The answer of the first replica that gives a valid one (`check` raises
-        `ValueError` on one that does not fit the request)."""
+        """The answer of the first replica that gives a valid one to the call its API
+        makes (`check` raises `ValueError` on one that does not fit the request)."""
+        calls: dict[str, ApiCall[M]] = {}  # encoded once per kind of API
+
+        def call_of(replica: Replica) -> ApiCall[M]:
+            api = self.apis[replica.url]
+            if api.kind not in calls:
+                calls[api.kind] = call_for(api)
+            return calls[api.kind]
+
         policy = backoff(
             TransientError,
             stop_before_delay(deadline - time.monotonic()),
@@ -214,16 +206,14 @@ class TeacherClient:
             level=logging.DEBUG,  # only the final `TeacherUnavailable` matters to callers
         )
         try:
-            return await policy(self._round, method, path, body, cls, deadline, check)
+            return await policy(self._round, call_of, deadline, check)
         except TransientError as exc:
-            raise self._unavailable(f"{method} {path}") from exc
+            what = {f"{c.request.method} {c.request.path}" for c in calls.values()}
+            raise self._unavailable(" / ".join(sorted(what))) from exc
 
     async def _round(
         self,
-        method: str,
-        path: str,
-        body: bytes | None,
-        cls: type[M],
+        call_of: Callable[[Replica], ApiCall[M]],
         deadline: float,
         check: Callable[[M], None] | None,
     ) -> M:
@@ -231,9 +221,7 @@ class TeacherClient:
         first valid answer wins. Raises `TransientError` when every one has failed, or
         `TeacherUnavailable` when each refused in a way another try cannot fix."""
         assert self._http is not None, "use `async with TeacherClient(...)` or `await start()`"
-        content_type = wire.MSGPACK if self.binary else wire.JSON
-        headers = {"content-type": content_type, "accept": content_type}
-        what = f"{method} {path}"
+        what = ""
         tried: set[str] = set()
         refused: set[str] = set()
         while (now := time.monotonic()) < deadline:
@@ -242,31 +230,32 @@ class TeacherClient:
                 await asyncio.sleep(max(0.01, min(self.pool.next_opening(), deadline) - now))
                 continue
             tried.add(replica.url)
+            call = call_of(replica)
+            what = f"{call.request.method} {call.request.path}"
             replica.outstanding += 1
             try:
-                response = await self._http.request(
-                    method,
-                    replica.url + path,
-                    content=body,
-                    headers=headers,
-                    timeout=min(self.request_timeout_s, deadline - now),
+                response = await self._send(replica, call.request, deadline)
+                extras = (
+                    [
+                        await self._send(replica, extra, deadline, quiet=True)
+                        for extra in call.extras
+                    ]
+                    if response is not None and response.status_code == 200
+                    else []
                 )
-            except httpx.HTTPError as exc:
-                self.pool.failed(replica, f"{type(exc).__name__}: {exc}".rstrip(": "))
-                response = None
             finally:
                 replica.outstanding -= 1
             if response is not None and response.status_code == 200:
                 try:
-                    answer = _decode(response, cls)
+                    answer = call.decode(response, extras)
                     if check is not None:
                         check(answer)
                 except ValueError as exc:
+                    hint = self.apis[replica.url].invalid_answer_hint
                     self.pool.failed(
                         replica,
-                        f"HTTP 200 with an answer that is not a valid {cls.__name__} "
-                        f"({wire.describe_invalid(exc)}): "
-                        "check that the URL serves an rlad teacher of the client's version",
+                        f"HTTP 200 with an answer that is not a valid {call.answer} "
+                        f"({wire.describe_invalid(exc)}): {hint}",
                     )
                     refused.add(replica.url)
                 else:
@@ -283,16 +272,33 @@ class TeacherClient:
             )
         raise TransientError(self.pool.describe())
 
+    async def _send(
+        self, replica: Replica, call: HttpCall, deadline: float, *, quiet: bool = False
+    ) -> httpx.Response | None:
+        """One HTTP request to `replica`; None when no answer came (recorded as its failure
+        unless `quiet`: an extra's failure is not the replica's)."""
+        assert self._http is not None
+        try:
+            return await self._http.request(
+                call.method,
+                replica.url + call.path,
+                content=call.body,
+                headers=dict(call.headers),
+                timeout=max(0.001, min(self.request_timeout_s, deadline - time.monotonic())),
+            )
+        except httpx.HTTPError as exc:
+            if not quiet:
+                self.pool.failed(replica, f"{type(exc).__name__}: {exc}".rstrip(": "))
+            return None
+
     def _handle_refusal(self, replica: Replica, response: httpx.Response, what: str) -> bool:
         """Record a non-200 answer. Raise `TeacherRequestError` when the input is at fault;
         return True when the replica refused in a way that another try cannot fix."""
-        try:
-            message = ErrorResponse.model_validate_json(response.content).error.message
-        except ValueError:
-            message = response.text[:200]
+        api = self.apis[replica.url]
+        message = api.error_message(response)
         reason = f"HTTP {response.status_code}: {message}"
         status = response.status_code
-        if status in (413, 422):
+        if api.input_fault(status, message):
             raise TeacherRequestError(status, f"{replica.url} refused {what}: {reason}")
         if status in (429, 503):
             retry_after = response.headers.get("retry-after", "1")
@@ -302,7 +308,7 @@ class TeacherClient:
         if status >= 500 or status == 408:
             self.pool.failed(replica, reason)
             return False
-        hint = REFUSAL_HINTS.get(status, "see the teacher's log")
+        hint = api.refusal_hints.get(status, "see the teacher's log")
         self.pool.failed(replica, f"{reason}: {hint}")
         return True
 
@@ -315,7 +321,9 @@ class TeacherClient:
     async def _check_health(self, replica: Replica) -> None:
         assert self._http is not None
         try:
-            response = await self._http.get(replica.url + "/health", timeout=self.health_interval_s)
+            response = await self._http.get(
+                replica.url + self.apis[replica.url].health_path, timeout=self.health_interval_s
+            )
             healthy, reason = (
                 response.status_code == 200,
                 f"health check: HTTP {response.status_code}",
@@ -367,18 +375,12 @@ def _scores_for(chunk: list[ScoreSequence]) -> Callable[[ScoreResponse], None]:
     return check
 
 
-def _decode(response: httpx.Response, cls: type[M]) -> M:
-    """Raises `ValueError` (a pydantic or wire error) on a body that is not a valid `cls`."""
-    if response.headers.get("content-type", "").startswith(wire.MSGPACK):
-        return wire.decode(response.content, cls)
-    return cls.model_validate_json(response.content)
-
-
 async def verify_tokenizers(
     teacher: TeacherClient, student_url: str, api_key: str | None = None
 ) -> ServerInfo:
     """The tokenizer check at start-up (docs/design.md#tokens-and-the-tokenizer-check):
-    fetch both `/v1/info`s and refuse a tokenizer mismatch.
+    fetch both servers' info and refuse a tokenizer mismatch (log a WARNING when what the
+    teacher publishes cannot tell).
 
     Returns the teacher's info; raises `TokenizerMismatch` naming both fingerprints.
     """
@@ -389,5 +391,7 @@ async def verify_tokenizers(
         response.raise_for_status()
         student = ServerInfo.model_validate_json(response.content)
     teacher_info = await teacher.info()
-    check_compatible(student, teacher_info)
+    warning = check_compatible(student, teacher_info)
+    if warning:
+        log.warning(warning)
     return teacher_info

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from services.common.protocol import ServerInfo
-from services.common.tokenizer_check import tokenizer_fingerprint
+from services.common.tokenizer_check import tokenizer_fingerprint, tokenizer_probe
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # Up to this many bytes of weights the revision is the sha256 of every byte; past it (a
@@ -33,6 +33,7 @@ class ModelFacts:
     revision: str
     vocab_size: int
     tokenizer_fingerprint: str
+    tokenizer_probe: str
     max_model_len: int
 
     def server_info(
@@ -51,6 +52,7 @@ class ModelFacts:
             backend=backend,
             vocab_size=self.vocab_size,
             tokenizer_fingerprint=self.tokenizer_fingerprint,
+            tokenizer_probe=self.tokenizer_probe,
             max_model_len=self.max_model_len,
             dtype=None if dtype is None else str(dtype).removeprefix("torch."),
         )
@@ -99,7 +101,8 @@ def weights_revision(model_dir: Path) -> str:
 
 
 def describe_model(model: str, max_model_len: int | None) -> ModelFacts:
-    """Revision, vocab size, tokenizer fingerprint and the accepted length of `model`."""
+    """Revision, vocab size, tokenizer fingerprint and probe, and the accepted length of
+    `model`."""
     model_dir = resolve_model_dir(model)
     text_config = AutoConfig.from_pretrained(model_dir).get_text_config()
     native_len = int(getattr(text_config, "max_position_embeddings", 0) or 0)
@@ -112,10 +115,12 @@ def describe_model(model: str, max_model_len: int | None) -> ModelFacts:
             f"max_model_len={max_model_len} exceeds the model's max_position_embeddings "
             f"({native_len})"
         )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return ModelFacts(
         path=model_dir,
         revision=weights_revision(model_dir),
         vocab_size=int(text_config.vocab_size),
-        tokenizer_fingerprint=tokenizer_fingerprint(AutoTokenizer.from_pretrained(model_dir)),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        tokenizer_probe=tokenizer_probe(tokenizer),
         max_model_len=max_model_len,
     )

@@ -22,11 +22,19 @@ TRAINING_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 def teacher_precision_warning(
     teacher: ServerInfo, training: Literal["fp32", "bf16"], where: str = ""
 ) -> str | None:
-    """A warning when the teacher computes in a coarser dtype than the trainer trains in;
-    None when it does not, or when the teacher does not say (a server of an older rlad).
+    """A warning when the teacher computes in a coarser dtype than the trainer trains in, or
+    may (an OpenAI-compatible teacher, which does not say); None when it does not, or when
+    a server of an older rlad does not say.
     `where` says how `training` was found, for the message."""
     served = teacher.dtype
     trained = TRAINING_DTYPES[training]
+    if served is None and teacher.backend == "openai" and training == "fp32":
+        return (
+            f"the teacher {teacher.model!r} is an OpenAI-compatible server, which does not say "
+            "what dtype it computes in: unless it was started with --dtype float32 (vllm serve "
+            "downcasts a float32 checkpoint to bfloat16 under --dtype auto), its logprobs carry "
+            f"noise the trainer's {training}{where} ones do not."
+        )
     if served is None or SIGNIFICAND_BITS.get(served, 0) >= SIGNIFICAND_BITS[trained]:
         return None
     return (

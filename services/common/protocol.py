@@ -58,9 +58,24 @@ class ServerInfo(WireModel):
     role: Literal["teacher", "rollout"] = Field(description="Which kind of server this is.")
     model: str = Field(description="Model id or path the server was started with.")
     revision: str = Field(description="Hash of the loaded weights (changes on every update).")
-    backend: Literal["vllm", "hf"] = Field(description="Inference engine: vLLM or transformers.")
-    vocab_size: int = Field(description="Rows of the model's embedding matrix.")
-    tokenizer_fingerprint: str = Field(description="See `services.common.tokenizer_check`.")
+    backend: Literal["vllm", "hf", "openai"] = Field(
+        description="Inference engine: vLLM or transformers; `openai` for an OpenAI-compatible "
+        "server (`vllm serve`) that the teacher client reads through its completions API."
+    )
+    vocab_size: int | None = Field(
+        description="Rows of the model's embedding matrix; None where the server does not "
+        "publish it (an OpenAI-compatible teacher)."
+    )
+    tokenizer_fingerprint: str | None = Field(
+        description="Hash of the whole vocabulary (see `services.common.tokenizer_check`); None "
+        "where the server does not publish its vocabulary (an OpenAI-compatible teacher)."
+    )
+    tokenizer_probe: str | None = Field(
+        default=None,
+        description="Hash of how the tokenizer splits a fixed probe text "
+        "(`services.common.tokenizer_check.PROBE_TEXT`): what the tokenizer check compares "
+        "when one side has no `tokenizer_fingerprint`.",
+    )
     max_model_len: int = Field(description="Longest sequence (prompt + completion) accepted.")
     dtype: str | None = Field(
         default=None,

@@ -12,14 +12,19 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from services.config.algorithm import AlgorithmConfig, TrrdConfig
 from services.config.base import ConfigError, StrictModel, explain
 from services.config.servers import RolloutServerConfig, TeacherServerConfig
 from services.config.task import TaskConfig
 from services.config.trainer import TrainerConfig
-from services.config.workers import QueueConfig, RolloutWorkerConfig, ScorerConfig
+from services.config.workers import (
+    QueueConfig,
+    RolloutWorkerConfig,
+    ScorerConfig,
+    parse_teacher_url,
+)
 
 # Letters, digits, `.`, `_`, `-`: the name is part of a folder name and of Redis keys.
 RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -38,7 +43,11 @@ class RunConfig(StrictModel):
     student: str = Field(description="Student model id or path (also the initial policy).")
     teacher: str | None = Field(default=None, description="Teacher model id or path.")
     teacher_urls: list[str] = Field(
-        default_factory=list, description="Remote teachers; when set, none is started locally."
+        default_factory=list,
+        description="Remote teachers; when set, none is started locally. `http://host:8100` is "
+        "an rlad teacher server (`rlad serve-teacher`); `openai+http://host:8000/v1` an "
+        "OpenAI-compatible server (`vllm serve ... --dtype float32`) scored through its "
+        "completions API with vLLM's prompt_logprobs. Kinds may be mixed across replicas.",
     )
     task: TaskConfig = Field(description="Where prompts come from and how they are rewarded.")
     algorithm: AlgorithmConfig = Field(
@@ -83,6 +92,13 @@ class RunConfig(StrictModel):
                     raise ValueError(f"{block}.model is `{key}`: set only `{key}`")
                 data[block] = {**settings, "model": model}
         return data
+
+    @field_validator("teacher_urls")
+    @classmethod
+    def _teacher_urls_name_an_api(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            parse_teacher_url(url)  # raises naming the accepted forms
+        return urls
 
     @model_validator(mode="after")
     def _rollout_server_reads_the_trainer_files(self) -> RunConfig:

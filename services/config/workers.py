@@ -1,5 +1,6 @@
 """The pipeline's workers and their queue: the `rollout:`, `scorer:` and `queue:` blocks of
-a run config (`rlad rollout-worker`, `rlad scorer`, the Redis streams between them).
+a run config (`rlad rollout-worker`, `rlad scorer`, the Redis streams between them), and
+how a teacher URL names the API it speaks (`parse_teacher_url`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,28 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from services.config.base import StrictModel
+
+# A teacher URL names the API the scorer speaks to it: a plain `http(s)://` URL is an rlad
+# teacher server (`POST /v1/score`); `openai+http(s)://host:port/v1` an OpenAI-compatible
+# server such as `vllm serve`, read through `POST /v1/completions` with vLLM's
+# `prompt_logprobs` (services/clients/openai_teacher.py).
+TeacherApiKind = Literal["rlad", "openai"]
+OPENAI_PREFIX = "openai+"
+TEACHER_URL_FORMS = "http(s)://host:port (an rlad teacher) or openai+http(s)://host:port/v1"
+
+
+def parse_teacher_url(url: str) -> tuple[TeacherApiKind, str]:
+    """The API a teacher URL names and the server's root URL, where its API paths start:
+    `openai+http://h:8000/v1` -> ("openai", "http://h:8000"); `http://h:8100` -> ("rlad",
+    "http://h:8100"). Raises `ValueError` naming the accepted forms."""
+    url = url.strip().rstrip("/")
+    kind: TeacherApiKind = "rlad"
+    if url.startswith(OPENAI_PREFIX):
+        kind, url = "openai", url.removeprefix(OPENAI_PREFIX).removesuffix("/v1")
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("http", "https") or not rest:
+        raise ValueError(f"teacher URL {url!r} is neither {TEACHER_URL_FORMS}")
+    return kind, url
 
 
 class RolloutWorkerConfig(StrictModel):

@@ -231,7 +231,9 @@ def test_server_blocks_serve_the_run_models_and_round_trip(tmp_path: Path) -> No
     dumped = tmp_path / "dumped.yaml"
     dumped.write_text(yaml.safe_dump(run.model_dump(mode="json")))
     assert load_run_config(dumped) == run
-    remote = load_run_config(write(tmp_path, {**BASE, "teacher": None, "teacher_urls": ["u"]}))
+    remote = load_run_config(
+        write(tmp_path, {**BASE, "teacher": None, "teacher_urls": ["http://u:8000"]})
+    )
     assert remote.teacher_server is None
 
 
