@@ -30,6 +30,7 @@ test: lint typecheck
 bench: setup
 	$(BIN)/python bench/loss.py
 	$(BIN)/python bench/teacher_scoring.py
+	$(BIN)/python bench/topk_bytes.py
 	$(BIN)/python bench/rollout.py
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/faults.py

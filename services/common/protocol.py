@@ -293,8 +293,9 @@ class WeightUpdateResponse(WireModel):
 
 class TeacherTopK(WireModel):
     """The teacher's k most likely ids and their logprobs at each completion token, as two
-    packed arrays of `[n_tokens, k]` rather than nested lists: a group of 8 × 160 tokens
-    at k = 32 is 240 KiB this way, against about 1 MiB as msgpack lists of numbers.
+    packed arrays of `[n_tokens, k]`: 6 bytes per entry, so the top-32 of a group of
+    8 × 160 tokens adds 246 kB to its 17 kB, against 336 kB as the teacher's nested rows
+    through the same codec (`bench/topk_bytes.py`).
 
     `ids` are little-endian int32 (any vocabulary up to 2^31). `logprobs` are little-endian
     float16: 2 bytes a value instead of float32's 4, with 11 significant bits, i.e. a
@@ -360,7 +361,7 @@ class TeacherTopK(WireModel):
             raise ValueError(
                 f"top-k logprob {float(logprobs.max()):g} is above 0: send log-probabilities"
             )
-        rising = (np.diff(logprobs, axis=1) > 0).any(axis=1)  # [n_tokens]
+        rising = (logprobs[:, 1:] > logprobs[:, :-1]).any(axis=1)  # [n_tokens]
         if rising.any():
             raise ValueError(f"top-k row {int(rising.argmax())} is not sorted best first")
         return self
