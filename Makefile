@@ -31,6 +31,7 @@ bench: setup
 	$(BIN)/python bench/loss.py
 	$(BIN)/python bench/teacher_scoring.py
 	$(BIN)/python bench/teacher_vs_vllm_serve.py
+	$(BIN)/python bench/topk_bytes.py
 	$(BIN)/python bench/rollout.py
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/faults.py

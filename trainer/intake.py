@@ -6,7 +6,8 @@ is no finite logprob): the queue dead-letters it as undecodable. What is checked
 depends on the run: the group size the rollout worker samples (the advantages are one
 [groups, G] tensor), the student's vocabulary, the algorithm's inputs (teacher logprobs
 wherever the loss reads them: not in a degraded group, nor, but under KDRL, in a group of
-equal rewards), and the teacher's
+equal rewards; and under KDRL's `topk` estimator, the teacher's top-k of the run's k at
+every token, with ids in the student's vocabulary), and the teacher's
 weights: the run is pinned to one teacher revision (`trainer.teacher_revision`, or else
 the first scored group's), so that two replicas serving different weights are never mixed
 silently. A group that fails is dead-lettered with the reason, and the trainer goes on:
@@ -31,6 +32,7 @@ class Intake:
     needs_teacher: bool  # the loss reads teacher logprobs (TRRD, KDRL)
     teacher_on_every_group: bool  # even where the advantages are 0 (KDRL's KD term)
     teacher_revision: str | None = None  # pinned; None: the first scored group's
+    top_k: int = 0  # scorer.top_k, when the loss reads the teacher's top-k (KDRL topk); else 0
 
     def problem(self, group: RolloutGroup | None) -> str | None:
         """Why the trainer cannot use `group`, or None when it can."""
@@ -64,7 +66,37 @@ class Intake:
                     f"completions {unscored} have no teacher_logprobs, which algorithm "
                     f"{self.algorithm} needs: run the scorer in teacher mode"
                 )
+            if self.top_k:
+                problem = self._top_k_problem(group)
+                if problem is not None:
+                    return problem
         return self._revision_problem(group)
+
+    def _top_k_problem(self, group: RolloutGroup) -> str | None:
+        scored = [c for c in group.completions if c.token_ids]
+        missing = [
+            i for i, c in enumerate(group.completions) if c.token_ids and c.teacher_top_k is None
+        ]
+        if missing:
+            return (
+                f"completions {missing} have no teacher top-k, which kd_estimator topk "
+                f"needs: run the scorer with scorer.top_k {self.top_k}"
+            )
+        for completion in scored:
+            assert completion.teacher_top_k is not None
+            top_k = completion.teacher_top_k
+            if top_k.k != self.top_k:
+                return (
+                    f"teacher top-k of k = {top_k.k}, where this run's scorer.top_k is "
+                    f"{self.top_k}: give the scorer and the trainer the same config"
+                )
+            largest = int(top_k.id_array().max(initial=0))
+            if largest >= self.vocab_size:
+                return (
+                    f"teacher top-k id {largest} is outside the student's vocabulary "
+                    f"(0..{self.vocab_size - 1}): the teacher must share the student's tokenizer"
+                )
+        return None
 
     def _revision_problem(self, group: RolloutGroup) -> str | None:
         scored = any(c.teacher_logprobs is not None for c in group.completions)

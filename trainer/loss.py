@@ -3,7 +3,9 @@
     L = Σ_t w_t·[ τ_t·(−A·clip(r_t)) + β·KL_k3,t + β_kd·KD_t ]
 
 with `r` the TRRD ratio (`trainer.surrogate`), `τ` the optional truncated importance
-weight, and `w` the aggregation weights over `loss_mask`. Micro-batches: pass the global
+weight, and `w` the aggregation weights over `loss_mask`. KDRL's KD term is an estimator
+at the sampled token (k1/k2/k3), or the forward KL over the teacher's top-k ids (`topk`),
+which also reads the trainer's logprobs at those ids. Micro-batches: pass the global
 batch's `total_tokens` / `total_sequences` (see `policy_loss`) and the micro-batch losses
 add up to the global-batch loss in every aggregation mode.
 
@@ -23,6 +25,7 @@ from services.config.algorithm import AlgorithmConfig, KdrlConfig
 from trainer.surrogate import (
     clipped_ratio,
     divergence,
+    top_k_forward_kl,
     trrd_ratio,
     truncated_importance_weight,
 )
@@ -44,6 +47,10 @@ class LossInputs:
     has_teacher: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None  # [B, T] reference policy; needed if kl_beta > 0
     correct: torch.Tensor | None = None  # [B] bool; for KDRL's reward-guided masking
+    # KDRL's topk estimator: the teacher's top-k logprobs and the trainer's at the same ids
+    # (with grad), both full-vocabulary logprobs; any values on rows without a teacher.
+    teacher_top_k_logprobs: torch.Tensor | None = None  # [B, T, k]
+    trainer_top_k_logprobs: torch.Tensor | None = None  # [B, T, k]
     entropy: torch.Tensor | None = None  # [B, T] policy entropy, no grad; a metric only
 
 
@@ -81,17 +88,26 @@ TEACHER_METRICS = frozenset({"teacher_logprob_gap", "teacher_clamp_frac", "kd"})
 
 
 class _PrecomputedGradient(torch.autograd.Function):
-    """A scalar loss whose gradient with respect to `logprobs` was computed with it."""
+    """A scalar loss whose gradients with respect to `logprobs` and, when there is one,
+    `top_k_logprobs` (`top_k_grad` not None) were computed with it."""
 
     @staticmethod
-    def forward(ctx: Any, logprobs: torch.Tensor, value: torch.Tensor, grad: torch.Tensor) -> Any:
-        ctx.save_for_backward(grad)
+    def forward(
+        ctx: Any,
+        value: torch.Tensor,
+        grad: torch.Tensor,
+        top_k_grad: torch.Tensor | None,
+        logprobs: torch.Tensor,
+        top_k_logprobs: torch.Tensor | None,
+    ) -> Any:
+        ctx.save_for_backward(grad, top_k_grad)
         return value.clone()
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> Any:
-        (grad,) = ctx.saved_tensors
-        return grad * grad_output, None, None
+        grad, top_k_grad = ctx.saved_tensors
+        top_k = None if top_k_grad is None else top_k_grad * grad_output
+        return None, None, None, grad * grad_output, top_k
 
 
 def _masked_sum(values: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -106,6 +122,11 @@ def _check_inputs(inputs: LossInputs, config: AlgorithmConfig, has_tokens: bool)
     masking = isinstance(config, KdrlConfig) and config.kd_reward_masking
     if masking and inputs.correct is None and has_tokens:
         raise ValueError("kd_reward_masking needs `correct` (a verdict for every completion)")
+    top_k = (inputs.teacher_top_k_logprobs, inputs.trainer_top_k_logprobs)
+    if config.teacher_top_k and any(t is None for t in top_k):
+        raise ValueError(
+            "kd_estimator topk needs teacher_top_k_logprobs and trainer_top_k_logprobs"
+        )
 
 
 def policy_loss(
@@ -182,23 +203,40 @@ def policy_loss(
                 values["kl_loss"] = _masked_sum(kl, kl_weights)
                 grad.addcmul_(kl_grad, kl_weights)
 
+        top_k_grad = None  # [B, T, k]: d loss / d trainer_top_k_logprobs
         if isinstance(config, KdrlConfig):
-            assert inputs.teacher_logprobs is not None  # checked above
-            kd, kd_grad = divergence(logp, inputs.teacher_logprobs.float(), config.kd_estimator)
             kd_scale = scale * kd_beta(step, config)  # [B]
             if config.kd_reward_masking and inputs.correct is not None:
                 kd_scale = kd_scale * (~inputs.correct.bool()).float()  # no KD on correct ones
             kd_weights = teacher_mask * kd_scale.unsqueeze(1)  # [B, T]; none without a teacher
+            if config.kd_estimator == "topk":
+                assert inputs.trainer_top_k_logprobs is not None  # checked above
+                assert inputs.teacher_top_k_logprobs is not None
+                kd, top_k_grad = top_k_forward_kl(
+                    inputs.trainer_top_k_logprobs.detach().float(),
+                    inputs.teacher_top_k_logprobs.float(),
+                )
+                top_k_grad.mul_(kd_weights.unsqueeze(2))
+            else:
+                assert inputs.teacher_logprobs is not None  # checked above
+                kd, kd_grad = divergence(logp, inputs.teacher_logprobs.float(), config.kd_estimator)
+                grad.addcmul_(kd_grad, kd_weights)
             metric_sums["kd"] = _masked_sum(kd, teacher_mask)
             values["kd_loss"] = _masked_sum(kd, kd_weights)
-            grad.addcmul_(kd_grad, kd_weights)
 
         value = torch.stack(list(values.values())).sum()
         metrics = _metrics(values, metric_sums, tokens, total_tokens, teacher_tokens)
         if isinstance(config, KdrlConfig):
             metrics["kd_beta"] = kd_beta(step, config)
     grad = grad.to(inputs.trainer_logprobs.dtype)
-    return _PrecomputedGradient.apply(inputs.trainer_logprobs, value, grad), metrics
+    top_k_logprobs = inputs.trainer_top_k_logprobs
+    if top_k_grad is not None:
+        assert top_k_logprobs is not None
+        top_k_grad = top_k_grad.to(top_k_logprobs.dtype)
+    loss = _PrecomputedGradient.apply(
+        value, grad, top_k_grad, inputs.trainer_logprobs, top_k_logprobs
+    )
+    return loss, metrics
 
 
 def _teacher_rows(

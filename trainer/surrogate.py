@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.config.algorithm import AlgorithmConfig, KdEstimator, TrrdConfig
+from services.config.algorithm import AlgorithmConfig, SampledEstimator, TrrdConfig
 
 # exp(20) ~ 4.9e8: log-ratios are capped here so that ratios, losses and gradients stay
 # finite in fp32 for any logprobs (e.g. -1e4 against 0).
@@ -132,7 +132,7 @@ def truncated_importance_weight(
 def divergence(
     trainer_logprobs: torch.Tensor,  # [B, T] logp
     other_logprobs: torch.Tensor,  # [B, T] logp of the teacher or the reference
-    estimator: KdEstimator,
+    estimator: SampledEstimator,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # value, d value / d logp; both [B, T]
     """Per-token estimators of KL(π_θ ‖ π_other) on tokens sampled from π_θ, d = logp − other:
 
@@ -148,3 +148,23 @@ def divergence(
     neg_d = d.neg().clamp_(max=LOG_RATIO_CAP)
     exp_neg_d = neg_d.exp()
     return exp_neg_d.sub(neg_d).sub_(1.0), exp_neg_d.neg_().add_(1.0)
+
+
+def top_k_forward_kl(
+    trainer_top_k_logprobs: torch.Tensor,  # [B, T, k] log π_θ(v) at the teacher's top-k ids
+    teacher_top_k_logprobs: torch.Tensor,  # [B, T, k] log p_T(v), best first
+) -> tuple[torch.Tensor, torch.Tensor]:  # value [B, T], d value / d log π_θ(v) [B, T, k]
+    """The forward KL(p_T ‖ π_θ) over the teacher's top-k ids, with the full-vocabulary
+    logprobs of both, not renormalised over the top-k:
+
+    KD = Σ_v p_T(v)·(log p_T(v) − log π_θ(v))      (derivative −p_T(v), whatever π_θ)
+
+    As verl's `forward_kl_topk` does. Renormalising the student over the top-k too (NeMo-RL's
+    default) would leave the mass it puts outside them free; here the softmax takes it
+    back, and the minimum over π_θ is p_T renormalised over the top-k (KD = m·log m ≥ −1/e
+    there, with m the teacher's top-k mass). With k the whole vocabulary it is the exact
+    forward KL.
+    """
+    teacher_probs = teacher_top_k_logprobs.exp()
+    value = torch.linalg.vecdot(teacher_probs, teacher_top_k_logprobs - trainer_top_k_logprobs)
+    return value, teacher_probs.neg_()

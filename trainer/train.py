@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from services.common.logprobs import sequence_logprobs
+from services.common.logprobs import sequence_logprobs, sequence_top_k_logprobs
 from services.common.protocol import RolloutGroup
 from services.config.algorithm import KdrlConfig
 from services.config.run import RunConfig
@@ -81,6 +81,8 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(run.student)
         # fp32 master weights; DeepSpeed casts the module to bf16 when training in bf16.
         model = AutoModelForCausalLM.from_pretrained(run.student, dtype=torch.float32)
+        # The teacher's top-k per token, when the loss reads it (KDRL's topk estimator).
+        self.top_k = run.scorer.top_k if self.algorithm.teacher_top_k else 0
         self.intake = Intake(
             group_size=run.rollout.group_size,
             vocab_size=int(model.config.get_text_config().vocab_size),
@@ -88,6 +90,7 @@ class Trainer:
             needs_teacher=self.algorithm.uses_teacher,
             teacher_on_every_group=self.algorithm.teacher_on_every_group,
             teacher_revision=self.config.teacher_revision,
+            top_k=self.top_k,
         )
         self.engine = create_engine(model, self.config, self.world)
         self.device: torch.device = self.engine.device
@@ -224,14 +227,14 @@ class Trainer:
         samples = flatten(kept, advantages[stats.keep])
         pad_id = self.tokenizer.pad_token_id
         batches = [
-            collate(chunk, pad_id, self.device)
+            collate(chunk, pad_id, self.device, self.top_k)
             for chunk in pack(samples, self.config.micro_batch_tokens)
         ]
         # Every rank must run the same number of forward/backward passes (ZeRO collectives).
         count = torch.tensor([len(batches)], device=self.device)
         if self.world > 1:
             dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        batches += [empty_batch(pad_id, self.device)] * (int(count) - len(batches))
+        batches += [empty_batch(pad_id, self.device, self.top_k)] * (int(count) - len(batches))
         return batches, batch_metrics(groups, self.progress.policy_version, stats)
 
     # ------------------------------------------------------------ one step
@@ -302,10 +305,13 @@ class Trainer:
     def forward_loss(
         self, batch: MicroBatch, total_tokens: float, total_sequences: float
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        logprobs, entropy = sequence_logprobs(
+        # With the topk estimator, the logprobs at the teacher's top-k ids come from the
+        # same forward pass and softmax: k more values per position, no [B, T, V] copy.
+        logprobs, top_k_logprobs, entropy = sequence_top_k_logprobs(
             self.engine,
             batch.input_ids,
             batch.attention_mask,
+            batch.teacher_top_k_ids,
             self.temperature,
             with_entropy=True,
         )
@@ -328,6 +334,8 @@ class Trainer:
             loss_mask=batch.loss_mask,
             correct=batch.correct,
             entropy=entropy,
+            teacher_top_k_logprobs=batch.teacher_top_k_logprobs,
+            trainer_top_k_logprobs=top_k_logprobs,
         )
         return policy_loss(
             inputs, self.algorithm, self.progress.step, total_tokens, total_sequences

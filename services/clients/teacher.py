@@ -45,7 +45,13 @@ from services.clients.retry import TransientError, backoff
 from services.clients.teacher_api import ApiCall, HttpCall, RladApi, TeacherApi
 from services.common import wire
 from services.common.http_server import API_KEY_ENV
-from services.common.protocol import ScoreRequest, ScoreResponse, ScoreSequence, ServerInfo
+from services.common.protocol import (
+    ScoreRequest,
+    ScoreResponse,
+    ScoreSequence,
+    SequenceScores,
+    ServerInfo,
+)
 from services.common.tokenizer_check import check_compatible
 from services.config.workers import parse_teacher_url
 
@@ -165,7 +171,9 @@ class TeacherClient:
         than this client's) is split in two until each part fits or is a single sequence."""
         request = ScoreRequest(sequences=chunk, top_k=top_k)
         try:
-            return await self._request(lambda api: api.score(request), deadline, _scores_for(chunk))
+            return await self._request(
+                lambda api: api.score(request), deadline, _scores_for(chunk, top_k)
+            )
         except TeacherRequestError as exc:
             if exc.status != 413 or len(chunk) == 1:
                 raise
@@ -359,8 +367,9 @@ def _merge(parts: list[ScoreResponse]) -> ScoreResponse:
     )
 
 
-def _scores_for(chunk: list[ScoreSequence]) -> Callable[[ScoreResponse], None]:
-    """A check that an answer holds one logprob per scored token of every sequence."""
+def _scores_for(chunk: list[ScoreSequence], top_k: int) -> Callable[[ScoreResponse], None]:
+    """A check that an answer holds one logprob per scored token of every sequence, and
+    with `top_k`, one row of `top_k` ids and logprobs per scored token."""
 
     def check(response: ScoreResponse) -> None:
         if len(response.scores) != len(chunk):
@@ -371,8 +380,19 @@ def _scores_for(chunk: list[ScoreSequence]) -> Callable[[ScoreResponse], None]:
                     f"scores[{index}] has {len(scores.logprobs)} logprobs for "
                     f"{len(seq.token_ids) - seq.start} scored tokens"
                 )
+            if top_k and not _top_k_rows(scores, len(scores.logprobs), top_k):
+                raise ValueError(f"scores[{index}] has no [{len(scores.logprobs)}][{top_k}] top-k")
 
     return check
+
+
+def _top_k_rows(scores: SequenceScores, n_scored: int, top_k: int) -> bool:
+    """Whether both top-k tables are `[n_scored][top_k]`."""
+    tables = (scores.top_k_ids, scores.top_k_logprobs)
+    return all(
+        table is not None and len(table) == n_scored and all(len(row) == top_k for row in table)
+        for table in tables
+    )
 
 
 async def verify_tokenizers(

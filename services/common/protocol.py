@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -22,6 +23,8 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MIN_TEMPERATURE = 0.01
 # A logprob is at most 0; float32 rounding of a near-certain token may land just above it.
 LOGPROB_TOLERANCE = 1e-3
+# The most alternatives a teacher returns per position (`ScoreRequest.top_k`).
+MAX_TOP_K = 64
 
 
 class WireModel(BaseModel):
@@ -115,7 +118,9 @@ class ScoreSequence(RequestModel):
 
 class ScoreRequest(RequestModel):
     sequences: list[ScoreSequence] = Field(min_length=1, description="Sequences to score.")
-    top_k: int = Field(default=0, ge=0, le=64, description="Also return the k most likely ids.")
+    top_k: int = Field(
+        default=0, ge=0, le=MAX_TOP_K, description="Also return the k most likely ids."
+    )
 
 
 class SequenceScores(WireModel):
@@ -301,6 +306,82 @@ class WeightUpdateResponse(WireModel):
 # ---------------------------------------------------------------- queue messages
 
 
+class TeacherTopK(WireModel):
+    """The teacher's k most likely ids and their logprobs at each completion token, as two
+    packed arrays of `[n_tokens, k]`: 6 bytes per entry, so the top-32 of a group of
+    8 × 160 tokens adds 246 kB to its 17 kB, against 336 kB as the teacher's nested rows
+    through the same codec (`bench/topk_bytes.py`).
+
+    `ids` are little-endian int32 (any vocabulary up to 2^31). `logprobs` are little-endian
+    float16: 2 bytes a value instead of float32's 4, with 11 significant bits, i.e. a
+    relative error of at most 2^-11 ≈ 5e-4 of the logprob (0.0015 nats at −3, where
+    p_T = 0.05 is off by 0.15 %) and a range down to −65504, below any teacher's
+    top-k logprob. That is finer than the teacher's own rounding when it computes in
+    bfloat16 (8 significant bits), and the KD term weights each entry by p_T, so an
+    error there moves the loss by less. Rounding is monotone: rows sorted best first
+    stay sorted (ties may appear)."""
+
+    # Bytes are base64 in JSON (`rlad dead list`, logs); msgpack carries them raw.
+    model_config = ConfigDict(extra="forbid", ser_json_bytes="base64", val_json_bytes="base64")
+
+    k: int = Field(ge=1, le=MAX_TOP_K, description="Alternatives per position.")
+    ids: bytes = Field(description="[n_tokens, k] int32, little-endian, row by row, best first.")
+    logprobs: bytes = Field(description="[n_tokens, k] float16, little-endian: logprobs of `ids`.")
+
+    @classmethod
+    def from_rows(cls, ids: list[list[int]], logprobs: list[list[float]], k: int) -> TeacherTopK:
+        """Packs the teacher's nested rows (`SequenceScores.top_k_ids/top_k_logprobs`);
+        raises `ValueError` when they are not `[n, k]` valid top-k rows."""
+        widths = {len(row) for row in ids} | {len(row) for row in logprobs}
+        if len(ids) != len(logprobs) or widths - {k}:
+            raise ValueError(
+                f"top-k rows are not [{len(ids)}, {k}] ids and logprobs: the teacher must "
+                f"answer with top_k={k}"
+            )
+        id_rows = np.asarray(ids, dtype=np.int64).reshape(len(ids), k)
+        if id_rows.size and (id_rows.min() < 0 or id_rows.max() > np.iinfo(np.int32).max):
+            raise ValueError("top-k ids must be token ids (0 .. 2^31 - 1)")
+        # Below float16's range is p_T = 0 anyway (exp(−65504)); the floor keeps it finite.
+        logprob_rows = np.asarray(logprobs, dtype=np.float64).reshape(len(ids), k)
+        logprob_rows = logprob_rows.clip(min=float(np.finfo(np.float16).min))
+        return cls(
+            k=k,
+            ids=id_rows.astype("<i4").tobytes(),
+            logprobs=logprob_rows.astype("<f2").tobytes(),
+        )
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.ids) // (4 * self.k)
+
+    def id_array(self) -> np.ndarray:  # [n_tokens, k] int32
+        return np.frombuffer(self.ids, dtype="<i4").reshape(-1, self.k)
+
+    def logprob_array(self) -> np.ndarray:  # [n_tokens, k] float32 (exact from float16)
+        return np.frombuffer(self.logprobs, dtype="<f2").astype(np.float32).reshape(-1, self.k)
+
+    @model_validator(mode="after")
+    def _top_k_rows(self) -> TeacherTopK:
+        if len(self.ids) % (4 * self.k) or len(self.logprobs) != len(self.ids) // 2:
+            raise ValueError(
+                f"{len(self.ids)} bytes of ids and {len(self.logprobs)} bytes of logprobs are "
+                f"not [n_tokens, {self.k}] int32 and float16 arrays"
+            )
+        ids, logprobs = self.id_array(), self.logprob_array()
+        if ids.size and ids.min() < 0:
+            raise ValueError(f"top-k id {int(ids.min())} is negative: send token ids")
+        if not np.isfinite(logprobs).all():
+            raise ValueError("top-k logprobs must be finite numbers")
+        if logprobs.size and logprobs.max() > LOGPROB_TOLERANCE:
+            raise ValueError(
+                f"top-k logprob {float(logprobs.max()):g} is above 0: send log-probabilities"
+            )
+        rising = (logprobs[:, 1:] > logprobs[:, :-1]).any(axis=1)  # [n_tokens]
+        if rising.any():
+            raise ValueError(f"top-k row {int(rising.argmax())} is not sorted best first")
+        return self
+
+
 class CompletionRecord(WireModel):
     """One sampled completion. Its logprob rows hold one value per completion token, each a
     finite logprob, so that every consumer can line them up with the tokens: a row of
@@ -317,6 +398,11 @@ class CompletionRecord(WireModel):
     correct: bool | None = Field(default=None, description="Task verdict, for accuracy metrics.")
     teacher_logprobs: list[float] | None = Field(
         default=None, description="The teacher's logprob of each token, once scored."
+    )
+    teacher_top_k: TeacherTopK | None = Field(
+        default=None,
+        description="The teacher's top-k ids and logprobs at each token, when the scorer "
+        "asks for them (scorer.top_k > 0).",
     )
 
     @model_validator(mode="after")
@@ -338,6 +424,12 @@ class CompletionRecord(WireModel):
                     f"{name}[{i}] = {value:g} is not a logprob (above 0); "
                     f"{len(above)} such values: send log-probabilities, not probabilities"
                 )
+        top_k = self.teacher_top_k
+        if top_k is not None and top_k.n_tokens != tokens:
+            raise ValueError(
+                f"teacher_top_k has {top_k.n_tokens} rows for {tokens} completion tokens: "
+                "its producer must send exactly one top-k row per token"
+            )
         return self
 
 

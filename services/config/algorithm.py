@@ -16,7 +16,9 @@ from services.config.base import StrictModel
 
 ClampMode = Literal["ratio", "anchor"]
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
-KdEstimator = Literal["k1", "k2", "k3"]
+# Estimators of KL(π_θ ‖ π_T) at the sampled token (the KL penalty to the reference uses k3).
+SampledEstimator = Literal["k1", "k2", "k3"]
+KdEstimator = Literal["k1", "k2", "k3", "topk"]
 
 
 class AlgorithmBase(StrictModel):
@@ -29,6 +31,12 @@ class AlgorithmBase(StrictModel):
     # Whether it reads them where every advantage is 0 too (KDRL's KD term): then the
     # scorer must score every group, even one whose rewards are all equal.
     teacher_on_every_group: ClassVar[bool] = False
+
+    @property
+    def teacher_top_k(self) -> bool:
+        """Whether the loss reads the teacher's top-k (`scorer.top_k`), not only its
+        logprob of each sampled token."""
+        return False
 
     # Each variant narrows it to its own tag; declared here so that it comes first.
     name: str = Field(description="Which algorithm: trrd, grpo or kdrl.")
@@ -120,8 +128,11 @@ class KdrlConfig(AlgorithmBase):
     name: Literal["kdrl"] = Field(default="kdrl", description="GRPO plus a KD term.")
     kd_estimator: KdEstimator = Field(
         default="k2",
-        description="Per-token KD estimator of KL(pi_theta || pi_T) with d = logp - "
-        "logp_T: k1 = d, k2 = d^2/2, k3 = exp(-d) - 1 + d.",
+        description="Per-token KD term. k1, k2, k3 estimate KL(pi_theta || pi_T) at the "
+        "sampled token, with d = logp - logp_T: k1 = d, k2 = d^2/2, k3 = exp(-d) - 1 + d. "
+        "topk is the forward KL(pi_T || pi_theta) over the teacher's top-k ids v, "
+        "sum_v p_T(v)*(log p_T(v) - log pi_theta(v)), not renormalised; it needs "
+        "scorer.top_k > 0.",
     )
     kd_beta_start: float = Field(default=5e-3, ge=0.0, description="beta_kd at step 0.")
     kd_beta_end: float = Field(
@@ -137,6 +148,10 @@ class KdrlConfig(AlgorithmBase):
         default=False,
         description="Reward-guided masking: no KD term on completions judged correct.",
     )
+
+    @property
+    def teacher_top_k(self) -> bool:
+        return self.kd_estimator == "topk"
 
 
 def _algorithm_name(value: Any) -> Any:

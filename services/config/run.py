@@ -117,6 +117,26 @@ class RunConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _top_k_when_needed(self) -> RunConfig:
+        """KDRL's `topk` estimator reads the teacher's top-k, which only a scorer asking
+        for it stores; a local teacher must serve that many."""
+        needs = self.algorithm.teacher_top_k
+        if needs and self.scorer.top_k == 0:
+            raise ValueError(
+                "algorithm.kd_estimator 'topk' needs the teacher's top-k ids and logprobs, "
+                "but scorer.top_k is 0: set scorer.top_k (e.g. 8; at most 64), or use "
+                "kd_estimator k1, k2 or k3"
+            )
+        server = self.teacher_server
+        if server is not None and self.scorer.top_k > server.max_top_k:
+            raise ValueError(
+                f"scorer.top_k {self.scorer.top_k} exceeds teacher_server.max_top_k "
+                f"{server.max_top_k}: the teacher would refuse every request; lower "
+                "scorer.top_k or raise teacher_server.max_top_k"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _teacher_when_needed(self) -> RunConfig:
         if self.algorithm.uses_teacher and self.scorer.mode == "passthrough":
             raise ValueError(

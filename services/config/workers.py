@@ -10,6 +10,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
+from services.common.protocol import MAX_TOP_K
 from services.config.base import StrictModel
 
 # A teacher URL names the API the scorer speaks to it: a plain `http(s)://` URL is an rlad
@@ -58,6 +59,14 @@ class ScorerConfig(StrictModel):
         default="teacher", description="`passthrough` skips the teacher (plain GRPO)."
     )
     batch_groups: int = Field(default=4, ge=1, description="Groups scored per teacher call.")
+    top_k: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_TOP_K,
+        description="Also store the teacher's k most likely ids and their logprobs at every "
+        "completion token (6 bytes per token and k on the queue), which KDRL's "
+        "kd_estimator topk needs; at most the teacher server's max_top_k. 0: none.",
+    )
     deadline_s: float = Field(default=120.0, gt=0.0, description="Per-call teacher deadline.")
     skip_zero_variance: bool = Field(
         default=True,

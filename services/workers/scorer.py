@@ -46,7 +46,7 @@ from redis.exceptions import RedisError
 
 from services.clients.retry import backoff
 from services.clients.teacher import TeacherRequestError, TeacherUnavailable
-from services.common.protocol import CompletionRecord, RolloutGroup, ScoreSequence
+from services.common.protocol import CompletionRecord, RolloutGroup, ScoreSequence, TeacherTopK
 from services.config.workers import ScorerConfig
 from services.queue.keys import ROLLOUTS, SCORED
 from services.queue.queues import AsyncQueue
@@ -99,7 +99,9 @@ class Scorer:
         self.degraded = False  # whether groups go on unscored now (on_teacher_down: grpo)
 
     async def score_groups(self, groups: list[RolloutGroup]) -> None:
-        """Fill `teacher_logprobs` of every non-empty completion, in one teacher call."""
+        """Fill `teacher_logprobs` (and with `scorer.top_k`, `teacher_top_k`) of every
+        non-empty completion, in one teacher call."""
+        top_k = self.config.top_k
         sequences, targets = [], []
         for group in groups:
             for completion in group.completions:
@@ -108,10 +110,12 @@ class Scorer:
                     targets.append(completion)
                 else:
                     completion.teacher_logprobs = []
+                    if top_k:
+                        completion.teacher_top_k = TeacherTopK.from_rows([], [], top_k)
         if not sequences:
             return
         started = time.perf_counter()
-        response = await self.teacher.score(sequences)  # type: ignore[union-attr]
+        response = await self.teacher.score(sequences, top_k=top_k)  # type: ignore[union-attr]
         self.answered_at = time.monotonic()
         if self.degraded:
             self.degraded = False
@@ -119,6 +123,11 @@ class Scorer:
         await self._record_latency((time.perf_counter() - started) * 1000)
         for completion, scores in zip(targets, response.scores, strict=True):
             completion.teacher_logprobs = scores.logprobs
+            if top_k:  # the client checked that every scored token has its k alternatives
+                assert scores.top_k_ids is not None and scores.top_k_logprobs is not None
+                completion.teacher_top_k = TeacherTopK.from_rows(
+                    scores.top_k_ids, scores.top_k_logprobs, top_k
+                )
         for group in groups:
             group.teacher_revision = response.revision
 
@@ -294,6 +303,7 @@ def _mark_degraded(group: RolloutGroup) -> None:
     group.degraded = True
     for completion in group.completions:
         completion.teacher_logprobs = None
+        completion.teacher_top_k = None
 
 
 def _sequence(group: RolloutGroup, completion: CompletionRecord) -> ScoreSequence:

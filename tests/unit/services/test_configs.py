@@ -65,3 +65,18 @@ def test_degraded_scoring_is_opt_in() -> None:
     assert (run.scorer.on_teacher_down, run.scorer.degrade_after_s) == ("wait", 120.0)
     with pytest.raises(ValidationError, match="on_teacher_down"):
         RunConfig.model_validate({**BASE, "scorer": {"on_teacher_down": "drop"}})
+
+
+def test_kd_estimator_topk_needs_the_scorer_to_store_the_top_k() -> None:
+    kdrl = {**BASE, "algorithm": {"name": "kdrl", "kd_estimator": "topk"}}
+    with pytest.raises(ValidationError, match=r"kd_estimator 'topk' needs .* scorer\.top_k is 0"):
+        RunConfig.model_validate(kdrl)
+    assert RunConfig.model_validate({**kdrl, "scorer": {"top_k": 8}}).scorer.top_k == 8
+    with pytest.raises(ValidationError, match="less than or equal to 64"):
+        RunConfig.model_validate({**kdrl, "scorer": {"top_k": 65}})
+    # A local teacher must serve that many.
+    capped = {**kdrl, "scorer": {"top_k": 8}, "teacher_server": {"max_top_k": 4}}
+    with pytest.raises(
+        ValidationError, match=r"scorer\.top_k 8 exceeds teacher_server\.max_top_k 4"
+    ):
+        RunConfig.model_validate(capped)

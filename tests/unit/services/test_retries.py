@@ -244,7 +244,7 @@ class FlakyTeacher:
         self.unavailable = unavailable
         self.calls = 0
 
-    async def score(self, sequences: list[ScoreSequence]) -> ScoreResponse:
+    async def score(self, sequences: list[ScoreSequence], top_k: int = 0) -> ScoreResponse:
         self.calls += 1
         if self.calls <= self.unavailable:
             raise TeacherUnavailable("no teacher replica answered")
@@ -323,7 +323,7 @@ def test_a_stopped_scorer_leaves_the_groups_pending(
 class RedisGoneTeacher(FlakyTeacher):
     """Redis goes away while the group is being scored (e.g. `docker compose restart redis`)."""
 
-    async def score(self, sequences: list[ScoreSequence]) -> ScoreResponse:
+    async def score(self, sequences: list[ScoreSequence], top_k: int = 0) -> ScoreResponse:
         self.calls += 1
         raise redis.exceptions.ConnectionError("Connection closed by server.")
 
@@ -378,7 +378,7 @@ def test_a_failure_to_record_the_latency_costs_no_group(
 class HangingTeacher(FlakyTeacher):
     """Never answers within the test: a teacher call that runs until its deadline."""
 
-    async def score(self, sequences: list[ScoreSequence]) -> ScoreResponse:
+    async def score(self, sequences: list[ScoreSequence], top_k: int = 0) -> ScoreResponse:
         self.calls += 1
         await asyncio.sleep(3600)
         raise AssertionError("unreachable")
@@ -400,7 +400,7 @@ def test_a_stop_interrupts_a_teacher_call_and_leaves_the_groups_pending(
 class BuggyTeacher(FlakyTeacher):
     """Scores any batch without token 66, and fails like a bug on one with it."""
 
-    async def score(self, sequences: list[ScoreSequence]) -> ScoreResponse:
+    async def score(self, sequences: list[ScoreSequence], top_k: int = 0) -> ScoreResponse:
         if any(66 in s.token_ids for s in sequences):
             raise KeyError("a bug")
         return await super().score(sequences)

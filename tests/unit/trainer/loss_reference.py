@@ -113,6 +113,12 @@ def reference_k(logp: torch.Tensor, other: torch.Tensor, estimator: str) -> torc
     return torch.exp(log_q_over_p) - log_q_over_p - 1
 
 
+def reference_top_k_forward_kl(
+    trainer_top_k: torch.Tensor, teacher_top_k: torch.Tensor
+) -> torch.Tensor:  # [B, T]: Σ_v p_T(v)·(log p_T(v) − log π_θ(v)) over the top-k ids v
+    return (torch.exp(teacher_top_k) * (teacher_top_k - trainer_top_k)).sum(dim=-1)
+
+
 def reference_policy_loss(
     inputs: LossInputs,
     config: AlgorithmConfig,
@@ -140,7 +146,14 @@ def reference_policy_loss(
         )
     if isinstance(config, KdrlConfig):
         assert inputs.teacher_logprobs is not None
-        kd = reference_k(inputs.trainer_logprobs, inputs.teacher_logprobs, config.kd_estimator)
+        if config.kd_estimator == "topk":
+            assert inputs.trainer_top_k_logprobs is not None
+            assert inputs.teacher_top_k_logprobs is not None
+            kd = reference_top_k_forward_kl(
+                inputs.trainer_top_k_logprobs, inputs.teacher_top_k_logprobs
+            )
+        else:
+            kd = reference_k(inputs.trainer_logprobs, inputs.teacher_logprobs, config.kd_estimator)
         if config.kd_reward_masking:
             assert inputs.correct is not None
             kd = kd * (~inputs.correct)[:, None]

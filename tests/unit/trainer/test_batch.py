@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from services.common.protocol import CompletionRecord, RolloutGroup
+from services.common.protocol import CompletionRecord, RolloutGroup, TeacherTopK
 from trainer.batch import MicroBatch, collate, empty_batch, flatten, pack
 
 CPU = torch.device("cpu")
@@ -79,7 +79,8 @@ def test_every_tensor_of_a_micro_batch_is_made_on_the_given_device() -> None:
     # meet the model on another device, which CUDA refuses at the first forward.
     meta = torch.device("meta")
     samples = flatten([group([5, 6, 7], [[8, 9], [8]])], torch.tensor([[0.5, -0.5]]))
-    for batch in (collate(samples, 0, meta), empty_batch(0, meta)):
+    batches = (collate(samples, 0, meta), empty_batch(0, meta))
+    for batch in (*batches, collate(samples, 0, meta, top_k=2), empty_batch(0, meta, top_k=2)):
         assert tensors_of(batch) and {t.device for t in tensors_of(batch)} == {meta}
 
 
@@ -102,3 +103,20 @@ def test_rows_without_a_teacher_are_marked_and_zero_on_the_teacher_grid() -> Non
     assert batch.teacher_logprobs.tolist() == [[0, 0, -10, -11], [0, 0, 0, 0]]
     assert (batch.num_tokens, batch.teacher_tokens) == (5, 2)
     assert collate(samples[:1], pad_id=0, device=CPU).has_teacher is None  # all have one
+
+
+def test_the_teachers_top_k_lands_on_the_completion_positions() -> None:
+    scored = group([5, 6, 7], [[8, 9], [4]])
+    first, second = scored.completions
+    first.teacher_top_k = TeacherTopK.from_rows([[8, 1], [9, 2]], [[-0.5, -2.0], [-0.25, -1.0]], 2)
+    second.teacher_top_k = TeacherTopK.from_rows([[4, 3]], [[-0.125, -4.0]], 2)
+    samples = flatten([scored], torch.tensor([[0.5, -0.5]]))
+    batch = collate(samples, 0, CPU, top_k=2)
+    assert batch.teacher_top_k_ids is not None and batch.teacher_top_k_logprobs is not None
+    assert batch.teacher_top_k_ids.shape == batch.teacher_top_k_logprobs.shape == (2, 4, 2)
+    # prompt of 3: completion token j sits at position 2 + j; zeros elsewhere
+    assert batch.teacher_top_k_ids[0].tolist() == [[0, 0], [0, 0], [8, 1], [9, 2]]
+    assert batch.teacher_top_k_logprobs[1].tolist() == [[0, 0], [0, 0], [-0.125, -4.0], [0, 0]]
+    assert collate(samples, 0, CPU).teacher_top_k_ids is None  # not asked for: not built
+    empty = empty_batch(0, CPU, top_k=2)
+    assert empty.teacher_top_k_ids is not None and empty.teacher_top_k_ids.shape == (1, 1, 2)

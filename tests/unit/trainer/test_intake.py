@@ -1,10 +1,10 @@
 """What the trainer refuses of a well-formed group, given its run: another group size, ids
 outside the student's vocabulary, and, for the algorithms that read them, missing teacher
-logprobs."""
+logprobs or the teacher's top-k."""
 
 from __future__ import annotations
 
-from services.common.protocol import CompletionRecord, RolloutGroup
+from services.common.protocol import CompletionRecord, RolloutGroup, TeacherTopK
 from trainer.intake import Intake
 
 
@@ -117,3 +117,29 @@ def test_teacher_logprobs_are_needed_only_where_the_loss_reads_them() -> None:
     assert GRPO.problem(mixed) is None
     degraded = unscored_group((0.0, 1.0), degraded=True)  # trained with alpha = 1, no KD
     assert TRRD.problem(degraded) is None and KDRL.problem(degraded) is None
+
+
+def test_kd_estimator_topk_needs_the_runs_top_k_within_the_vocabulary() -> None:
+    needs = Intake(2, 100, "kdrl", True, True, top_k=2)
+    ranked = TeacherTopK.from_rows([[5, 6], [7, 8]], [[-0.5, -1.0], [-0.5, -1.0]], 2)
+    with_top_k = completion([5, 6])
+    with_top_k.teacher_top_k = ranked
+    # The empty completion carries no loss, so no top-k either.
+    assert needs.problem(group(with_top_k, completion([], scored=False))) is None
+    problem = needs.problem(group(with_top_k, completion([7, 8])))
+    assert problem is not None and "completions [1] have no teacher top-k" in problem
+    assert "scorer.top_k 2" in problem
+    other_k = completion([5, 6])
+    other_k.teacher_top_k = TeacherTopK.from_rows([[5], [7]], [[-0.5], [-0.5]], 1)
+    problem = needs.problem(group(with_top_k, other_k))
+    assert problem is not None and "k = 1, where this run's scorer.top_k is 2" in problem
+    outside = completion([5, 6])
+    outside.teacher_top_k = TeacherTopK.from_rows([[5, 100], [7, 8]], [[-0.5, -1.0]] * 2, 2)
+    problem = needs.problem(group(with_top_k, outside))
+    assert problem is not None and "top-k id 100 is outside the student's vocabulary" in problem
+    # A degraded group is trained without any teacher term: nothing to check.
+    degraded = group(completion([5, 6], scored=False), completion([7], scored=False))
+    degraded.degraded = True
+    assert needs.problem(degraded) is None
+    # Without the topk estimator, top-k rows are neither needed nor read.
+    assert KDRL.problem(group(completion([5, 6]), completion([7, 8]))) is None

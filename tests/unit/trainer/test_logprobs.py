@@ -1,5 +1,6 @@
-"""Selective logprobs equal a naive log_softmax + gather, keep nothing of vocab size for
-backward, and `sequence_logprobs` equals a plain forward pass of a tiny model."""
+"""Selective logprobs equal a naive log_softmax + gather (one id or several per position),
+keep nothing of vocab size for backward, and `sequence_logprobs` /
+`sequence_top_k_logprobs` equal a plain forward pass of a tiny model."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from services.bootstrap.tiny_models import save_tiny_model
-from services.common.logprobs import selective_entropy, selective_log_softmax, sequence_logprobs
+from services.common.logprobs import (
+    selective_entropy,
+    selective_log_softmax,
+    sequence_logprobs,
+    sequence_top_k_logprobs,
+)
 
 
 def naive_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0):
@@ -129,4 +135,47 @@ def test_sequence_logprobs_backpropagate_like_a_plain_forward(
     expected = naive_logprobs(logits[:, :-1], ids[:, 1:], temperature=0.8)
     expected_grads = torch.autograd.grad((expected * weights).sum(), params)
     for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 40, 1 << 22])
+def test_several_ids_per_position_equal_a_naive_gather_and_its_gradient(
+    chunk_elements: int,
+) -> None:
+    gen = torch.Generator().manual_seed(4)
+    logits = (torch.randn(3, 5, 20, generator=gen) * 3).requires_grad_()
+    ids = torch.randint(0, 20, (3, 5, 4), generator=gen)
+    ids[0, 0] = torch.tensor([7, 7, 2, 7])  # an id twice: its gradients add up
+    weights = torch.randn(3, 5, 4, generator=gen)
+    result = selective_log_softmax(logits, ids, 0.7, chunk_elements=chunk_elements)
+    expected = torch.log_softmax(logits / 0.7, dim=-1).gather(-1, ids)
+    assert result.shape == ids.shape
+    torch.testing.assert_close(result, expected)
+    (grad,) = torch.autograd.grad((result * weights).sum(), logits)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), logits)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+def test_sequence_top_k_logprobs_match_a_plain_forward_and_its_gradient(
+    tiny_student: torch.nn.Module,
+) -> None:
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 128, (2, 9), generator=gen)
+    attention = torch.ones_like(ids)
+    top_k_ids = torch.randint(0, 128, (2, 8, 3), generator=gen)
+    weights, top_k_weights = torch.randn(2, 8, generator=gen), torch.randn(2, 8, 3, generator=gen)
+    params = [p for p in tiny_student.parameters() if p.requires_grad]
+    logprobs, top_k, entropy = sequence_top_k_logprobs(
+        tiny_student, ids, attention, top_k_ids, temperature=0.8
+    )
+    assert top_k is not None and entropy is None
+    grads = torch.autograd.grad((logprobs * weights).sum() + (top_k * top_k_weights).sum(), params)
+    logits = tiny_student(input_ids=ids, attention_mask=attention).logits[:, :-1]
+    logp = torch.log_softmax(logits.float() / 0.8, dim=-1)
+    expected = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    expected_top_k = logp.gather(-1, top_k_ids)
+    torch.testing.assert_close(logprobs, expected)
+    torch.testing.assert_close(top_k, expected_top_k)
+    loss = (expected * weights).sum() + (expected_top_k * top_k_weights).sum()
+    for grad, expected_grad in zip(grads, torch.autograd.grad(loss, params), strict=True):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)

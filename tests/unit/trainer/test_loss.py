@@ -162,7 +162,9 @@ def test_padding_tokens_contribute_nothing() -> None:
     garbage = torch.where(torch.rand(padding.shape) > 0.5, -1e4, 0.0)
     noisy = LossInputs(
         **{
-            name: torch.where(padding, garbage, value) if name.endswith("probs") else value
+            name: torch.where(padding, garbage, value)
+            if name.endswith("probs") and value is not None
+            else value
             for name, value in vars(inputs).items()
         }
     )
