@@ -18,17 +18,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def check_teacher(student: ServerInfo, teacher: ServerInfo, run: RunConfig) -> None:
-    """At start: refuse a teacher whose tokenizer differs from the student's; warn when it
-    computes in a coarser dtype than the trainer trains in."""
+def check_teacher(student: ServerInfo, teacher: ServerInfo, run: RunConfig, pool: str) -> None:
+    """At start, for each teacher pool: refuse a teacher whose tokenizer differs from the
+    student's; warn when it computes in a coarser dtype than the trainer trains in."""
+    from services.clients.teacher_pools import check_pool_tokenizer
     from services.common.precision import (
         gpu_here,
         resolve_training_dtype,
         teacher_precision_warning,
     )
-    from services.common.tokenizer_check import check_compatible
 
-    check_compatible(student, teacher)
+    check_pool_tokenizer(student, teacher, pool)
     where = ""
     if run.trainer.dtype == "auto":
         where = (
@@ -38,13 +38,16 @@ def check_teacher(student: ServerInfo, teacher: ServerInfo, run: RunConfig) -> N
     training = resolve_training_dtype(run.trainer.dtype, gpu_here())
     warning = teacher_precision_warning(teacher, training, where)
     if warning:
-        log.warning(warning)
+        log.warning("teacher pool %s: %s", pool, warning)
 
 
 def command(
     config: Path = typer.Option(..., "--config", exists=True, help="Experiment YAML."),
     teacher_url: list[str] = typer.Option(
-        [], "--teacher-url", help="Teacher server URL (repeatable; default: env TEACHER_URLS)."
+        [],
+        "--teacher-url",
+        help="Teacher server URL, or NAME=URL for teacher pool NAME (repeatable; default: env "
+        "TEACHER_URLS, separated by commas; else the config's teacher_urls).",
     ),
     rollout_url: str | None = typer.Option(
         None, "--rollout-url", help="A rollout server, to check tokenizer compatibility."
@@ -58,7 +61,7 @@ def command(
     from services.cli.options import load_run
     from services.clients.discovery import expand_teacher_urls
     from services.clients.rollout import RolloutClient
-    from services.clients.teacher import TeacherClient
+    from services.clients.teacher_pools import TeacherPools, with_urls
     from services.common.http_server import api_key
     from services.common.runtime import StopFlag, configure_logging
     from services.queue.connection import connect_async
@@ -70,8 +73,12 @@ def command(
     stop = StopFlag()
     passthrough = run.scorer.mode == "passthrough"
     env_urls = [u for u in os.environ.get("TEACHER_URLS", "").split(",") if u]
-    urls = [] if passthrough else expand_teacher_urls(teacher_url or env_urls or run.teacher_urls)
-    if not passthrough and not urls:
+    try:
+        pools = [] if passthrough else with_urls(run.teacher_urls, teacher_url or env_urls)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--teacher-url / TEACHER_URLS") from None
+    pools = [pool.model_copy(update={"urls": expand_teacher_urls(pool.urls)}) for pool in pools]
+    if not passthrough and not pools:
         raise typer.BadParameter("no teacher: pass --teacher-url or set TEACHER_URLS")
 
     async def main() -> None:
@@ -80,18 +87,19 @@ def command(
             if passthrough:
                 await Scorer(run.scorer, queue, None, consumer).run(stop)
                 return
-            async with TeacherClient(
-                urls, api_key=api_key(), deadline_s=run.scorer.deadline_s
-            ) as client:
+            async with TeacherPools.connect(
+                pools, api_key=api_key(), deadline_s=run.scorer.deadline_s
+            ) as teachers:
                 if rollout_url:
                     async with RolloutClient([rollout_url], api_key=api_key()) as rollout:
-                        try:  # waits for a teacher until its deadline, or a stop
-                            infos = await until_stopped(
-                                asyncio.gather(rollout.info(), client.info()), stop
+                        try:  # waits for the teachers until their deadline, or a stop
+                            student, infos = await until_stopped(
+                                asyncio.gather(rollout.info(), teachers.infos()), stop
                             )
                         except Stopped:
                             return
-                        check_teacher(*infos, run)
-                await Scorer(run.scorer, queue, client, consumer).run(stop)
+                        for pool, info in infos.items():
+                            check_teacher(student, info, run, pool)
+                await Scorer(run.scorer, queue, teachers, consumer).run(stop)
 
     asyncio.run(main())

@@ -46,7 +46,6 @@ from services.common.protocol import (
     ScoreSequence,
     ServerInfo,
 )
-from services.common.tokenizer_check import check_compatible
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -152,7 +151,9 @@ class TeacherClient:
             raise ValueError("score() needs at least one sequence")
         deadline = time.monotonic() + self.deadline_s
         chunks = split_batches(sequences, self.max_batch_tokens, self.max_batch_sequences)
-        return _merge(await _all(self._score_chunk(chunk, top_k, deadline) for chunk in chunks))
+        return _merge(
+            await all_or_cancel(self._score_chunk(chunk, top_k, deadline) for chunk in chunks)
+        )
 
     async def info(self) -> ServerInfo:
         """`GET /v1/info` from any healthy replica."""
@@ -185,7 +186,9 @@ class TeacherClient:
             log.info("teacher refused %d sequences as too large; sending halves", len(chunk))
         half = len(chunk) // 2
         halves = (chunk[:half], chunk[half:])
-        return _merge(await _all(self._score_chunk(part, top_k, deadline) for part in halves))
+        return _merge(
+            await all_or_cancel(self._score_chunk(part, top_k, deadline) for part in halves)
+        )
 
     def _unavailable(self, what: str) -> TeacherUnavailable:
         return TeacherUnavailable(
@@ -325,7 +328,7 @@ class TeacherClient:
         self.pool.health(replica, healthy, reason, hold_s=self.health_interval_s)
 
 
-async def _all(calls: Iterable[Awaitable[T]]) -> list[T]:
+async def all_or_cancel(calls: Iterable[Awaitable[T]]) -> list[T]:
     """Await every call concurrently; the first failure cancels the others, so that no
     orphaned request keeps a replica busy after its result can no longer be used."""
     tasks = [asyncio.ensure_future(call) for call in calls]
@@ -372,22 +375,3 @@ def _decode(response: httpx.Response, cls: type[M]) -> M:
     if response.headers.get("content-type", "").startswith(wire.MSGPACK):
         return wire.decode(response.content, cls)
     return cls.model_validate_json(response.content)
-
-
-async def verify_tokenizers(
-    teacher: TeacherClient, student_url: str, api_key: str | None = None
-) -> ServerInfo:
-    """The tokenizer check at start-up (docs/design.md#tokens-and-the-tokenizer-check):
-    fetch both `/v1/info`s and refuse a tokenizer mismatch.
-
-    Returns the teacher's info; raises `TokenizerMismatch` naming both fingerprints.
-    """
-    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
-    headers = {"authorization": f"Bearer {key}"} if key else {}
-    async with httpx.AsyncClient(headers=headers, timeout=teacher.request_timeout_s) as http:
-        response = await http.get(student_url.rstrip("/") + "/v1/info")
-        response.raise_for_status()
-        student = ServerInfo.model_validate_json(response.content)
-    teacher_info = await teacher.info()
-    check_compatible(student, teacher_info)
-    return teacher_info

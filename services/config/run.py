@@ -12,12 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from services.config.algorithm import AlgorithmConfig, TrrdConfig
 from services.config.base import ConfigError, StrictModel, explain
 from services.config.servers import RolloutServerConfig, TeacherServerConfig
 from services.config.task import TaskConfig
+from services.config.teachers import (
+    TeacherPoolConfig,
+    as_pools,
+    check_pools,
+    pinned_revisions,
+)
 from services.config.trainer import TrainerConfig
 from services.config.workers import QueueConfig, RolloutWorkerConfig, ScorerConfig
 
@@ -37,8 +43,11 @@ class RunConfig(StrictModel):
     run_dir: Path = Field(default=Path("runs"), description="Where run folders are written.")
     student: str = Field(description="Student model id or path (also the initial policy).")
     teacher: str | None = Field(default=None, description="Teacher model id or path.")
-    teacher_urls: list[str] = Field(
-        default_factory=list, description="Remote teachers; when set, none is started locally."
+    teacher_urls: list[TeacherPoolConfig] = Field(
+        default_factory=list,
+        description="Remote teachers; when set, none is started locally. A list of URLs (the "
+        "replicas of one teacher), or a list of pools, each a teacher with its replicas and "
+        "the groups it scores (services/config/teachers.py).",
     )
     task: TaskConfig = Field(description="Where prompts come from and how they are rewarded.")
     algorithm: AlgorithmConfig = Field(
@@ -61,6 +70,11 @@ class RunConfig(StrictModel):
         description="`rlad up` without a GPU: the vLLM engines share half of the cores and the "
         "trainer has the other half (services/launch/cpu_placement.py).",
     )
+
+    @field_validator("teacher_urls", mode="before")
+    @classmethod
+    def _plain_urls_are_one_pool(cls, value: Any) -> Any:
+        return as_pools(value)
 
     @model_validator(mode="before")
     @classmethod
@@ -119,9 +133,21 @@ class RunConfig(StrictModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _teacher_pools_route_every_group(self) -> RunConfig:
+        if self.teacher_urls:
+            check_pools(self.teacher_urls, self.task.name)
+        pinned_revisions(self.trainer.teacher_revision, self.teacher_urls)  # refuses a bad one
+        return self
+
     @property
     def folder(self) -> Path:
         return self.run_dir / self.name
+
+    @property
+    def teacher_revisions(self) -> dict[str, str]:
+        """trainer.teacher_revision as a revision per teacher pool name."""
+        return pinned_revisions(self.trainer.teacher_revision, self.teacher_urls)
 
 
 def load_run_config(path: Path, overrides: dict[str, object] | None = None) -> RunConfig:

@@ -46,10 +46,12 @@ from redis.exceptions import RedisError
 
 from services.clients.retry import backoff
 from services.clients.teacher import TeacherRequestError, TeacherUnavailable
+from services.clients.teacher_pools import TeacherPool, TeacherPools
 from services.common.protocol import CompletionRecord, RolloutGroup, ScoreSequence
 from services.config.workers import ScorerConfig
 from services.queue.keys import ROLLOUTS, SCORED
 from services.queue.queues import AsyncQueue
+from services.queue.state import scored_by_pool
 from services.queue.streams import Delivery
 
 log = logging.getLogger(__name__)
@@ -86,20 +88,30 @@ class Scorer:
         self,
         config: ScorerConfig,
         queue: AsyncQueue,
-        teacher: Any | None,  # TeacherClient, or None in passthrough mode
+        teacher: Any | None,  # TeacherPools or one TeacherClient; None in passthrough mode
         consumer: str,
     ) -> None:
         if config.mode == "teacher" and teacher is None:
             raise ValueError("scorer mode 'teacher' needs a TeacherClient")
         self.config = config
         self.queue = queue
-        self.teacher = teacher
+        self.pools = TeacherPools.of(teacher) if teacher is not None else None
         self.consumer = consumer
         self.answered_at = time.monotonic()  # when a teacher last scored (or the start)
         self.degraded = False  # whether groups go on unscored now (on_teacher_down: grpo)
 
     async def score_groups(self, groups: list[RolloutGroup]) -> None:
-        """Fill `teacher_logprobs` of every non-empty completion, in one teacher call."""
+        """Fill `teacher_logprobs` of every non-empty completion: one teacher call per pool
+        the groups are routed to (services/clients/teacher_pools.py), concurrently."""
+        assert self.pools is not None
+        await self.pools.each(groups, self._score_with)
+        self.answered_at = time.monotonic()
+        if self.degraded:
+            self.degraded = False
+            log.warning("a teacher answers again: groups are scored again")
+
+    async def _score_with(self, pool: TeacherPool, groups: list[RolloutGroup]) -> None:
+        """Score `groups` in one call to `pool`, recording the pool and its revision."""
         sequences, targets = [], []
         for group in groups:
             for completion in group.completions:
@@ -111,16 +123,13 @@ class Scorer:
         if not sequences:
             return
         started = time.perf_counter()
-        response = await self.teacher.score(sequences)  # type: ignore[union-attr]
-        self.answered_at = time.monotonic()
-        if self.degraded:
-            self.degraded = False
-            log.warning("a teacher answers again: groups are scored again")
+        response = await pool.client.score(sequences)
         await self._record_latency((time.perf_counter() - started) * 1000)
         for completion, scores in zip(targets, response.scores, strict=True):
             completion.teacher_logprobs = scores.logprobs
         for group in groups:
             group.teacher_revision = response.revision
+            group.teacher_pool = pool.name
 
     async def _record_latency(self, latency_ms: float) -> None:
         """Best effort: the latency only feeds `rlad monitor`, so failing to record it must
@@ -157,10 +166,10 @@ class Scorer:
         gone. Otherwise `TeacherUnavailable` propagates: the caller retries."""
         if self.config.on_teacher_down == "wait":
             return await self._score_or_refuse(deliveries)
-        assert self.teacher is not None
+        assert self.pools is not None
         budget_s = self.answered_at + self.config.degrade_after_s - time.monotonic()
         if budget_s <= 0:  # degraded already
-            if not self.teacher.reachable():
+            if not self.pools.reachable():
                 self._degrade()
                 return None
             budget_s = self.config.degrade_after_s  # the health checks see one: try it
@@ -209,6 +218,8 @@ class Scorer:
                     ROLLOUTS, delivery.message_id, refused[delivery.message_id]
                 )
                 continue
+            elif group.teacher_pool is not None and self.pools and len(self.pools.pools) > 1:
+                also = scored_by_pool(group.teacher_pool)  # `rlad monitor` shows each pool's
             group.timestamps["scored"] = now
             await self.queue.forward(
                 ROLLOUTS, delivery.message_id, SCORED, group, counter="scored", also=also
