@@ -1,6 +1,7 @@
 """Scorer: consumes rollout groups, adds the teacher's logprob of every completion token
-(through `TeacherClient`, balanced over all teacher replicas) and forwards the scored group
-to the `scored` stream, acknowledging the source in the same transaction. `passthrough` mode
+(each group through its teacher pool's `TeacherClient`, balanced over that pool's
+replicas: services/clients/teacher_pools.py) and forwards the scored group to the
+`scored` stream, acknowledging the source in the same transaction. `passthrough` mode
 forwards groups unscored (plain GRPO).
 
 No teacher call that cannot matter: with `scorer.skip_zero_variance` (on by default, off for
@@ -10,9 +11,10 @@ no gradient from it whatever the teacher says; it is forwarded unscored and coun
 
 A failure costs only the groups at fault:
 
-- The teacher refuses a batch as invalid input (`TeacherRequestError`): the batch is
-  scored again in halves, down to single groups; a group refused on its own is
-  dead-lettered with the teacher's reason, the others are forwarded.
+- The teacher refuses a batch as invalid input (`TeacherRequestError`, or its kind
+  `NoTeacherPool`: a group of a task that no teacher pool takes): the batch is scored
+  again in halves, down to single groups; a group refused on its own is dead-lettered
+  with the reason, the others are forwarded.
 - No teacher can score (`TeacherUnavailable`: all down, a wrong API key, a URL that serves
   no teacher, a garbled answer): the groups stay pending and the scorer retries with
   backoff (services/clients/retry.py), logging an ERROR that says what to fix; the trainer
