@@ -5,13 +5,16 @@ routing a group to its pool, URLs given on the command line, and the pinned revi
 from __future__ import annotations
 
 import copy
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
+from services.cli.main import app
 from services.clients.teacher_pools import NoTeacherPool, TeacherPool, TeacherPools, with_urls
 from services.common.protocol import CompletionRecord, RolloutGroup
 from services.config.base import ConfigError
@@ -214,3 +217,15 @@ def test_urls_given_at_start_replace_the_configured_ones_pool_by_pool() -> None:
 def test_urls_given_at_start_that_fit_no_pool_are_refused(given: list[str], expected: str) -> None:
     with pytest.raises(ValueError, match=expected):
         with_urls(configured(MATH, LOGIC), given)
+
+
+def test_the_scorer_refuses_urls_that_fit_no_pool_with_a_usage_error(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({**copy.deepcopy(BASE), "teacher_urls": [MATH, LOGIC]}))
+    result = CliRunner().invoke(
+        app, ["scorer", "--config", str(path), "--teacher-url", "http://x:1"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "say which pool each URL serves, as NAME=URL (e.g. math=http://x:1)" in " ".join(
+        re.sub(r"[│╭╮╰╯─]", " ", result.output).split()
+    )
