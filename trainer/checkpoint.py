@@ -1,10 +1,11 @@
 """Checkpoints that make queue consumption exactly-once for training.
 
 A checkpoint holds the DeepSpeed engine state (model, optimizer, scheduler) plus the
-trainer's progress: step, policy version, and the ids of the groups whose updates it
-contains. Groups are acknowledged on the queue only after the checkpoint that contains
-them is on disk; on `--resume`, pending groups listed in the checkpoint are acknowledged
-without training again, and the others are trained again (their update was lost).
+trainer's progress: step, policy version, the teacher revisions the run is pinned to, and
+the ids of the groups whose updates it contains. Groups are acknowledged on the queue only
+after the checkpoint that contains them is on disk; on `--resume`, pending groups listed in
+the checkpoint are acknowledged without training again, and the others are trained again
+(their update was lost).
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ class Progress(BaseModel):
         default_factory=list,
         description="Queue ids trained since the previous checkpoint: this rank's while it "
         "trains, every rank's in a saved checkpoint.",
+    )
+    teacher_revisions: dict[str, str] = Field(
+        default_factory=dict,
+        description="The teacher revision each pool is pinned to (trainer/intake.py), so that "
+        "a resumed run refuses groups of other weights as the run did before.",
     )
     tag: str = ""
 

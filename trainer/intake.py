@@ -8,18 +8,21 @@ depends on the run: the group size the rollout worker samples (the advantages ar
 wherever the loss reads them: not in a degraded group, nor, but under KDRL, in a group of
 equal rewards; and under KDRL's `topk` estimator, the teacher's top-k of the run's k at
 every token, with ids in the student's vocabulary), and the teacher's
-weights: the run is pinned to one teacher revision (`trainer.teacher_revision`, or else
-the first scored group's), so that two replicas serving different weights are never mixed
-silently. A group that fails is dead-lettered with the reason, and the trainer goes on:
-content must never stop it.
+weights: each teacher pool (the `teacher_pool` that scored a group; `default` when the
+run has one) is pinned to one revision (`trainer.teacher_revision`, or else the pool's
+first scored group's, kept in the checkpoint across resumes), so that two replicas of a
+pool serving different weights are never mixed silently, while two pools may serve
+different teachers. A group that fails is dead-lettered with the reason, and the trainer
+goes on: content must never stop it.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.common.protocol import RolloutGroup
+from services.config.teachers import DEFAULT_POOL
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +34,9 @@ class Intake:
     algorithm: str  # algorithm.name, for the reasons
     needs_teacher: bool  # the loss reads teacher logprobs (TRRD, KDRL)
     teacher_on_every_group: bool  # even where the advantages are 0 (KDRL's KD term)
-    teacher_revision: str | None = None  # pinned; None: the first scored group's
     top_k: int = 0  # scorer.top_k, when the loss reads the teacher's top-k (KDRL topk); else 0
+    # Pinned revision per teacher pool; a pool not in it: its first scored group's.
+    teacher_revisions: dict[str, str] = field(default_factory=dict)
 
     def problem(self, group: RolloutGroup | None) -> str | None:
         """Why the trainer cannot use `group`, or None when it can."""
@@ -98,20 +102,38 @@ class Intake:
                 )
         return None
 
+    def resume_pins(self, restored: dict[str, str]) -> None:
+        """Take back the revisions a checkpoint was pinned to; trainer.teacher_revision,
+        already here, wins where the two differ (a run moved on to other weights on purpose)."""
+        for pool, revision in restored.items():
+            pinned = self.teacher_revisions.setdefault(pool, revision)
+            if pinned != revision:
+                log.warning(
+                    "teacher pool %s: the checkpoint was pinned to revision %s, "
+                    "trainer.teacher_revision pins it to %s now",
+                    pool,
+                    revision,
+                    pinned,
+                )
+
     def _revision_problem(self, group: RolloutGroup) -> str | None:
         scored = any(c.teacher_logprobs is not None for c in group.completions)
         if not scored or group.teacher_revision is None:
             return None
-        if self.teacher_revision is None:
-            self.teacher_revision = group.teacher_revision
+        pool = group.teacher_pool or DEFAULT_POOL
+        pinned = self.teacher_revisions.get(pool)
+        if pinned is None:
+            self.teacher_revisions[pool] = group.teacher_revision
             log.info(
-                "teacher revision pinned to %s (the first scored group's)", group.teacher_revision
+                "teacher pool %s pinned to revision %s (its first scored group's)",
+                pool,
+                group.teacher_revision,
             )
             return None
-        if group.teacher_revision != self.teacher_revision:
+        if group.teacher_revision != pinned:
             return (
-                f"scored by teacher revision {group.teacher_revision}, but this run is pinned "
-                f"to {self.teacher_revision}: every teacher replica must serve the same "
-                "weights (or set trainer.teacher_revision to the one to train with)"
+                f"scored by teacher revision {group.teacher_revision} of pool {pool}, but this "
+                f"run pins pool {pool} to {pinned}: every replica of a pool must serve the "
+                "same weights (or set trainer.teacher_revision to the one to train with)"
             )
         return None

@@ -89,8 +89,8 @@ class Trainer:
             algorithm=self.algorithm.name,
             needs_teacher=self.algorithm.uses_teacher,
             teacher_on_every_group=self.algorithm.teacher_on_every_group,
-            teacher_revision=self.config.teacher_revision,
             top_k=self.top_k,
+            teacher_revisions=run.teacher_revisions,
         )
         self.engine = create_engine(model, self.config, self.world)
         self.device: torch.device = self.engine.device
@@ -121,6 +121,7 @@ class Trainer:
         restored = checkpoint.load(self.engine, self.ckpt_dir)
         if restored is not None:
             self.progress = restored
+            self.intake.resume_pins(restored.teacher_revisions)
         pending = self.queue.pending_for(SCORED, self.consumer)
         contained = set(self.progress.consumed)
         done = [m for m in pending if m in contained]
@@ -388,7 +389,9 @@ class Trainer:
             gathered: list[list[str] | None] = [None] * self.world
             dist.all_gather_object(gathered, self.progress.consumed)
             everyone = [message for ids in gathered for message in ids or []]
-        saved = self.progress.model_copy(update={"consumed": everyone})
+        saved = self.progress.model_copy(
+            update={"consumed": everyone, "teacher_revisions": self.intake.teacher_revisions}
+        )
         checkpoint.save(
             self.engine, self.ckpt_dir, saved, self.config.keep_checkpoints, self.is_main
         )

@@ -18,20 +18,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def check_teacher(student: ServerInfo, teacher: ServerInfo, run: RunConfig) -> None:
-    """At start: refuse a teacher whose tokenizer differs from the student's; warn when it
-    computes in a coarser dtype than the trainer trains in, or when what the teacher
-    publishes cannot tell either (an OpenAI-compatible teacher)."""
+def check_teacher(student: ServerInfo, teacher: ServerInfo, run: RunConfig, pool: str) -> None:
+    """At start, for each teacher pool: refuse a teacher whose tokenizer differs from the
+    student's; warn when it computes in a coarser dtype than the trainer trains in, or
+    when what the teacher publishes cannot tell either (an OpenAI-compatible teacher)."""
+    from services.clients.teacher_pools import check_pool_tokenizer
     from services.common.precision import (
         gpu_here,
         resolve_training_dtype,
         teacher_precision_warning,
     )
-    from services.common.tokenizer_check import check_compatible
 
-    cannot_tell = check_compatible(student, teacher)
-    if cannot_tell:
-        log.warning(cannot_tell)
+    check_pool_tokenizer(student, teacher, pool)
     where = ""
     if run.trainer.dtype == "auto":
         where = (
@@ -41,7 +39,7 @@ def check_teacher(student: ServerInfo, teacher: ServerInfo, run: RunConfig) -> N
     training = resolve_training_dtype(run.trainer.dtype, gpu_here())
     warning = teacher_precision_warning(teacher, training, where)
     if warning:
-        log.warning(warning)
+        log.warning("teacher pool %s: %s", pool, warning)
 
 
 def command(
@@ -49,8 +47,9 @@ def command(
     teacher_url: list[str] = typer.Option(
         [],
         "--teacher-url",
-        help="Teacher URL (repeatable; default: env TEACHER_URLS): http://host:8100 for rlad "
-        "serve-teacher, openai+http://host:8000/v1 for vllm serve.",
+        help="Teacher URL, or NAME=URL for teacher pool NAME (repeatable; default: env "
+        "TEACHER_URLS, separated by commas; else the config's teacher_urls): http://host:8100 "
+        "for rlad serve-teacher, openai+http://host:8000/v1 for vllm serve.",
     ),
     rollout_url: str | None = typer.Option(
         None, "--rollout-url", help="A rollout server, to check tokenizer compatibility."
@@ -64,7 +63,7 @@ def command(
     from services.cli.options import load_run
     from services.clients.discovery import expand_teacher_urls
     from services.clients.rollout import RolloutClient
-    from services.clients.teacher import TeacherClient
+    from services.clients.teacher_pools import TeacherPools, with_urls
     from services.common.http_server import api_key
     from services.common.runtime import StopFlag, configure_logging
     from services.config.workers import parse_teacher_url
@@ -77,10 +76,14 @@ def command(
     stop = StopFlag()
     passthrough = run.scorer.mode == "passthrough"
     env_urls = [u for u in os.environ.get("TEACHER_URLS", "").split(",") if u]
-    urls = [] if passthrough else expand_teacher_urls(teacher_url or env_urls or run.teacher_urls)
-    if not passthrough and not urls:
+    try:
+        pools = [] if passthrough else with_urls(run.teacher_urls, teacher_url or env_urls)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--teacher-url / TEACHER_URLS") from None
+    pools = [pool.model_copy(update={"urls": expand_teacher_urls(pool.urls)}) for pool in pools]
+    if not passthrough and not pools:
         raise typer.BadParameter("no teacher: pass --teacher-url or set TEACHER_URLS")
-    for url in urls:
+    for url in (url for pool in pools for url in pool.urls):
         try:
             parse_teacher_url(url)
         except ValueError as exc:
@@ -92,18 +95,19 @@ def command(
             if passthrough:
                 await Scorer(run.scorer, queue, None, consumer).run(stop)
                 return
-            async with TeacherClient(
-                urls, api_key=api_key(), deadline_s=run.scorer.deadline_s
-            ) as client:
+            async with TeacherPools.connect(
+                pools, api_key=api_key(), deadline_s=run.scorer.deadline_s
+            ) as teachers:
                 if rollout_url:
                     async with RolloutClient([rollout_url], api_key=api_key()) as rollout:
-                        try:  # waits for a teacher until its deadline, or a stop
-                            infos = await until_stopped(
-                                asyncio.gather(rollout.info(), client.info()), stop
+                        try:  # waits for the teachers until their deadline, or a stop
+                            student, infos = await until_stopped(
+                                asyncio.gather(rollout.info(), teachers.infos()), stop
                             )
                         except Stopped:
                             return
-                        check_teacher(*infos, run)
-                await Scorer(run.scorer, queue, client, consumer).run(stop)
+                        for pool, info in infos.items():
+                            check_teacher(student, info, run, pool)
+                await Scorer(run.scorer, queue, teachers, consumer).run(stop)
 
     asyncio.run(main())

@@ -52,7 +52,6 @@ from services.common.protocol import (
     SequenceScores,
     ServerInfo,
 )
-from services.common.tokenizer_check import check_compatible
 from services.config.workers import parse_teacher_url
 
 log = logging.getLogger(__name__)
@@ -149,7 +148,9 @@ class TeacherClient:
             raise ValueError("score() needs at least one sequence")
         deadline = time.monotonic() + self.deadline_s
         chunks = split_batches(sequences, self.max_batch_tokens, self.max_batch_sequences)
-        return _merge(await _all(self._score_chunk(chunk, top_k, deadline) for chunk in chunks))
+        return _merge(
+            await all_or_cancel(self._score_chunk(chunk, top_k, deadline) for chunk in chunks)
+        )
 
     async def info(self) -> ServerInfo:
         """What any healthy replica publishes: an rlad teacher's `GET /v1/info`, or what
@@ -180,7 +181,9 @@ class TeacherClient:
             log.info("teacher refused %d sequences as too large; sending halves", len(chunk))
         half = len(chunk) // 2
         halves = (chunk[:half], chunk[half:])
-        return _merge(await _all(self._score_chunk(part, top_k, deadline) for part in halves))
+        return _merge(
+            await all_or_cancel(self._score_chunk(part, top_k, deadline) for part in halves)
+        )
 
     def _unavailable(self, what: str) -> TeacherUnavailable:
         return TeacherUnavailable(
@@ -341,7 +344,7 @@ class TeacherClient:
         self.pool.health(replica, healthy, reason, hold_s=self.health_interval_s)
 
 
-async def _all(calls: Iterable[Awaitable[T]]) -> list[T]:
+async def all_or_cancel(calls: Iterable[Awaitable[T]]) -> list[T]:
     """Await every call concurrently; the first failure cancels the others, so that no
     orphaned request keeps a replica busy after its result can no longer be used."""
     tasks = [asyncio.ensure_future(call) for call in calls]
@@ -393,25 +396,3 @@ def _top_k_rows(scores: SequenceScores, n_scored: int, top_k: int) -> bool:
         table is not None and len(table) == n_scored and all(len(row) == top_k for row in table)
         for table in tables
     )
-
-
-async def verify_tokenizers(
-    teacher: TeacherClient, student_url: str, api_key: str | None = None
-) -> ServerInfo:
-    """The tokenizer check at start-up (docs/design.md#tokens-and-the-tokenizer-check):
-    fetch both servers' info and refuse a tokenizer mismatch (log a WARNING when what the
-    teacher publishes cannot tell).
-
-    Returns the teacher's info; raises `TokenizerMismatch` naming both fingerprints.
-    """
-    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
-    headers = {"authorization": f"Bearer {key}"} if key else {}
-    async with httpx.AsyncClient(headers=headers, timeout=teacher.request_timeout_s) as http:
-        response = await http.get(student_url.rstrip("/") + "/v1/info")
-        response.raise_for_status()
-        student = ServerInfo.model_validate_json(response.content)
-    teacher_info = await teacher.info()
-    warning = check_compatible(student, teacher_info)
-    if warning:
-        log.warning(warning)
-    return teacher_info

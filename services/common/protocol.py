@@ -439,10 +439,18 @@ class RolloutGroup(WireModel):
     group_id: str
     prompt_id: str
     task: str
+    subset: str | None = Field(
+        default=None, description="The problem's subset (e.g. PPL3): teacher pools route by it."
+    )
     policy_version: int
     prompt_token_ids: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
     completions: list[CompletionRecord] = Field(min_length=1)
     teacher_revision: str | None = None
+    teacher_pool: str | None = Field(
+        default=None,
+        description="The teacher pool that scored the group (services/config/teachers.py); "
+        "the trainer pins one teacher revision per pool.",
+    )
     degraded: bool = Field(
         default=False,
         description="Forwarded without teacher logprobs because no teacher answered for "

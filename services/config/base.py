@@ -79,6 +79,10 @@ def _place(root: type[BaseModel], loc: Sequence[int | str]) -> _Place:
     place = _Place(node=root)
     variants: dict[str, type[BaseModel]] = {}
     for part in loc:
+        if isinstance(part, int) and get_origin(_strip(place.node)) is list:  # a list's item
+            place.path.append(str(part))
+            place.node = get_args(_strip(place.node))[0]
+            continue
         choices = _variants(place.node)
         if isinstance(part, str) and part in choices:  # pydantic names the variant's tag
             place.node, variants = choices[part], choices

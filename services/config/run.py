@@ -18,13 +18,14 @@ from services.config.algorithm import AlgorithmConfig, TrrdConfig
 from services.config.base import ConfigError, StrictModel, explain
 from services.config.servers import RolloutServerConfig, TeacherServerConfig
 from services.config.task import TaskConfig
-from services.config.trainer import TrainerConfig
-from services.config.workers import (
-    QueueConfig,
-    RolloutWorkerConfig,
-    ScorerConfig,
-    parse_teacher_url,
+from services.config.teachers import (
+    TeacherPoolConfig,
+    as_pools,
+    check_pools,
+    pinned_revisions,
 )
+from services.config.trainer import TrainerConfig
+from services.config.workers import QueueConfig, RolloutWorkerConfig, ScorerConfig
 
 # Letters, digits, `.`, `_`, `-`: the name is part of a folder name and of Redis keys.
 RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -42,12 +43,14 @@ class RunConfig(StrictModel):
     run_dir: Path = Field(default=Path("runs"), description="Where run folders are written.")
     student: str = Field(description="Student model id or path (also the initial policy).")
     teacher: str | None = Field(default=None, description="Teacher model id or path.")
-    teacher_urls: list[str] = Field(
+    teacher_urls: list[TeacherPoolConfig] = Field(
         default_factory=list,
-        description="Remote teachers; when set, none is started locally. `http://host:8100` is "
-        "an rlad teacher server (`rlad serve-teacher`); `openai+http://host:8000/v1` an "
+        description="Remote teachers; when set, none is started locally. A list of URLs (the "
+        "replicas of one teacher), or a list of pools, each a teacher with its replicas and "
+        "the groups it scores (services/config/teachers.py). `http://host:8100` is an rlad "
+        "teacher server (`rlad serve-teacher`); `openai+http://host:8000/v1` an "
         "OpenAI-compatible server (`vllm serve ... --dtype float32`) scored through its "
-        "completions API with vLLM's prompt_logprobs. Kinds may be mixed across replicas.",
+        "completions API with vLLM's prompt_logprobs.",
     )
     task: TaskConfig = Field(description="Where prompts come from and how they are rewarded.")
     algorithm: AlgorithmConfig = Field(
@@ -71,6 +74,11 @@ class RunConfig(StrictModel):
         "trainer has the other half (services/launch/cpu_placement.py).",
     )
 
+    @field_validator("teacher_urls", mode="before")
+    @classmethod
+    def _plain_urls_are_one_pool(cls, value: Any) -> Any:
+        return as_pools(value)
+
     @model_validator(mode="before")
     @classmethod
     def _servers_serve_the_run_models(cls, data: Any) -> Any:
@@ -92,13 +100,6 @@ class RunConfig(StrictModel):
                     raise ValueError(f"{block}.model is `{key}`: set only `{key}`")
                 data[block] = {**settings, "model": model}
         return data
-
-    @field_validator("teacher_urls")
-    @classmethod
-    def _teacher_urls_name_an_api(cls, urls: list[str]) -> list[str]:
-        for url in urls:
-            parse_teacher_url(url)  # raises naming the accepted forms
-        return urls
 
     @model_validator(mode="after")
     def _rollout_server_reads_the_trainer_files(self) -> RunConfig:
@@ -155,9 +156,21 @@ class RunConfig(StrictModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _teacher_pools_route_every_group(self) -> RunConfig:
+        if self.teacher_urls:
+            check_pools(self.teacher_urls, self.task.name)
+        pinned_revisions(self.trainer.teacher_revision, self.teacher_urls)  # refuses a bad one
+        return self
+
     @property
     def folder(self) -> Path:
         return self.run_dir / self.name
+
+    @property
+    def teacher_revisions(self) -> dict[str, str]:
+        """trainer.teacher_revision as a revision per teacher pool name."""
+        return pinned_revisions(self.trainer.teacher_revision, self.teacher_urls)
 
 
 def load_run_config(path: Path, overrides: dict[str, object] | None = None) -> RunConfig:

@@ -42,11 +42,12 @@ class TrainerConfig(StrictModel):
         description="Recompute activations in the backward pass instead of keeping them: "
         "about a third more compute for much less memory (a 1.7B-8B student on one GPU).",
     )
-    teacher_revision: str | None = Field(
+    teacher_revision: str | dict[str, str] | None = Field(
         default=None,
         description="The teacher weights (revision, as the teacher's /v1/info reports it) to "
-        "train with; groups scored by another are dead-lettered. Default: the first scored "
-        "group's.",
+        "train with, per teacher pool (`{pool: revision}`; a plain revision with one pool); "
+        "groups scored by another are dead-lettered. Default: each pool's first scored "
+        "group's, kept in the checkpoint across resumes.",
     )
     max_staleness: int = Field(
         default=2,

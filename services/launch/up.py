@@ -128,12 +128,15 @@ def launch(
         *server_args("rollout", config_path, rollout_port),
         env={**vllm_cpu_env(run.rollout_server), **placement.get("rollout", {})},
     )
-    teacher_urls = list(run.teacher_urls)
+    # The scorer reads the pools from the config; the flags pin the config's URLs over any
+    # TEACHER_URLS in the environment, pool by pool (NAME=URL).
+    teacher_urls = [url for pool in run.teacher_urls for url in pool.urls]
+    teacher_flags = [f"{pool.name}={url}" for pool in run.teacher_urls for url in pool.urls]
     teacher = None
     if run.scorer.mode == "teacher" and not teacher_urls:
         assert run.teacher_server is not None  # RunConfig: a teacher, since no remote ones
         port = free_port()
-        teacher_urls = [f"http://127.0.0.1:{port}"]
+        teacher_urls = teacher_flags = [f"http://127.0.0.1:{port}"]
         teacher = stack.start(
             "teacher",
             *server_args("teacher", config_path, port),
@@ -143,8 +146,8 @@ def launch(
     if teacher is not None:
         teacher.wait_healthy(f"{teacher_urls[0]}/health")
     common = ["--config", str(config_path), "--redis-url", redis_url]
-    teacher_flags = [flag for url in teacher_urls for flag in ("--teacher-url", url)]
-    stack.start("scorer", "scorer", *common, *teacher_flags, "--rollout-url", rollout_url)
+    flags = [flag for url in teacher_flags for flag in ("--teacher-url", url)]
+    stack.start("scorer", "scorer", *common, *flags, "--rollout-url", rollout_url)
     stack.start("rollout-worker", "rollout-worker", *common, "--rollout-url", rollout_url)
     train_flags = ["--resume"] if resume else []
     trainer = stack.start(

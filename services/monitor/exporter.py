@@ -90,6 +90,14 @@ def snapshot_metrics(snapshot: QueueSnapshot) -> Iterator[Metric]:
     for event, total in snapshot.counters.items():
         groups.add_metric([event], total)
     yield groups
+    pools = CounterMetricFamily(
+        "rlad_pipeline_teacher_pool_groups",
+        "Groups scored by each teacher pool (runs with several pools).",
+        labels=["pool"],
+    )
+    for pool, total in snapshot.teacher_pools.items():
+        pools.add_metric([pool], total)
+    yield pools
     yield from _trainer_metrics(snapshot)
     yield from _latency_metrics(snapshot)
 

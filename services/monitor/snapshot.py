@@ -9,6 +9,7 @@ Everything comes from the run's own keys, read through `QueueReader`
   from the millisecond part of that entry's id against the Redis server's clock;
 - the run counters (produced, scored, trained, stale, dead, replayed, and of the scored
   groups those forwarded unscored: skipped_zero_variance, degraded_groups);
+- with several teacher pools, the groups each pool scored;
 - the trainer's step, policy version and staleness histogram;
 - the scorers' last teacher-call latencies, as p50 / p99;
 - the newest dead letters with their reason.
@@ -29,7 +30,7 @@ from pydantic import BaseModel, Field
 from services.queue.keys import ROLLOUTS, SCORED
 from services.queue.queues import QueueReader
 from services.queue.readings import GroupProgress
-from services.queue.state import TrainerProgress
+from services.queue.state import TrainerProgress, pool_counts
 
 COUNTERS = (
     "produced",
@@ -85,6 +86,10 @@ class QueueSnapshot(BaseModel):
         description="Groups that await a scorer or the trainer (what queue.max_backlog bounds)."
     )
     counters: dict[str, int] = Field(description="The run counters.")
+    teacher_pools: dict[str, int] = Field(
+        default_factory=dict,
+        description="Groups scored by each teacher pool, where the run has several.",
+    )
     rates: dict[str, float] | None = Field(
         default=None, description="Counter growth in groups/s between two readings."
     )
@@ -110,6 +115,7 @@ def read_snapshot(reader: QueueReader) -> QueueSnapshot:
         groups=groups,
         backlog=_backlog(progress),
         counters={name: stats.get(name, 0) for name in COUNTERS},
+        teacher_pools=pool_counts(stats),
         teacher_latency=_latency(sorted(reader.teacher_latencies())),
         trainer=_trainer(reader.trainer_progress(), now_ms / 1000),
         recent_dead=[

@@ -55,6 +55,8 @@ def _flow_table(snapshot: QueueSnapshot) -> Table:
     for name, total in snapshot.counters.items():
         rate = snapshot.rates.get(name) if snapshot.rates else None
         table.add_row(name, str(total), "—" if rate is None else f"{rate * 60:.1f}")
+    for pool, total in snapshot.teacher_pools.items():
+        table.add_row(f"  scored by pool {pool}", str(total), "")
     latency = snapshot.teacher_latency
     if latency.samples:
         table.add_row(

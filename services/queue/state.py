@@ -1,8 +1,9 @@
 """Run-wide state beside the streams: the run counters (produced, scored, trained, stale,
-dead, replayed, skipped_zero_variance, degraded_groups), the trainer's progress (step,
-policy version and the staleness histogram of the groups it consumed) and the scorer's
-latest teacher-call latencies. `rlad monitor`, `rlad up` and the accounting tests read
-these as the one source of truth. Every operation is `Steps` (services/queue/runner.py).
+dead, replayed, skipped_zero_variance, degraded_groups, and with several teacher pools the
+groups each scored), the trainer's progress (step, policy version and the staleness
+histogram of the groups it consumed) and the scorer's latest teacher-call latencies.
+`rlad monitor`, `rlad up` and the accounting tests read these as the one source of
+truth. Every operation is `Steps` (services/queue/runner.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,21 @@ from services.queue.runner import Script, Steps, command, text
 
 LATENCY_SAMPLES = 1000
 STALENESS_PREFIX = "staleness_"
+POOL_PREFIX = "scored_by_pool:"  # a run counter per teacher pool, where there are several
+
+
+def scored_by_pool(pool: str) -> str:
+    """The run counter of the groups teacher pool `pool` scored."""
+    return f"{POOL_PREFIX}{pool}"
+
+
+def pool_counts(counters: dict[str, int]) -> dict[str, int]:
+    """The groups each teacher pool scored, by pool name, from the run counters."""
+    return {
+        name.removeprefix(POOL_PREFIX): value
+        for name, value in sorted(counters.items())
+        if name.startswith(POOL_PREFIX)
+    }
 
 
 @dataclass

@@ -124,6 +124,7 @@ class RolloutWorker:
             group_id=uuid.uuid4().hex,
             prompt_id=problem.prompt_id,
             task=self.task.name,
+            subset=problem.subset,
             policy_version=response.policy_version,
             prompt_token_ids=prompt_ids,
             completions=records,

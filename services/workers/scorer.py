@@ -1,6 +1,7 @@
 """Scorer: consumes rollout groups, adds the teacher's logprob of every completion token
-(through `TeacherClient`, balanced over all teacher replicas) and forwards the scored group
-to the `scored` stream, acknowledging the source in the same transaction. `passthrough` mode
+(each group through its teacher pool's `TeacherClient`, balanced over that pool's
+replicas: services/clients/teacher_pools.py) and forwards the scored group to the
+`scored` stream, acknowledging the source in the same transaction. `passthrough` mode
 forwards groups unscored (plain GRPO).
 
 No teacher call that cannot matter: with `scorer.skip_zero_variance` (on by default, off for
@@ -10,9 +11,10 @@ no gradient from it whatever the teacher says; it is forwarded unscored and coun
 
 A failure costs only the groups at fault:
 
-- The teacher refuses a batch as invalid input (`TeacherRequestError`): the batch is
-  scored again in halves, down to single groups; a group refused on its own is
-  dead-lettered with the teacher's reason, the others are forwarded.
+- The teacher refuses a batch as invalid input (`TeacherRequestError`, or its kind
+  `NoTeacherPool`: a group of a task that no teacher pool takes): the batch is scored
+  again in halves, down to single groups; a group refused on its own is dead-lettered
+  with the reason, the others are forwarded.
 - No teacher can score (`TeacherUnavailable`: all down, a wrong API key, a URL that serves
   no teacher, a garbled answer): the groups stay pending and the scorer retries with
   backoff (services/clients/retry.py), logging an ERROR that says what to fix; the trainer
@@ -46,10 +48,12 @@ from redis.exceptions import RedisError
 
 from services.clients.retry import backoff
 from services.clients.teacher import TeacherRequestError, TeacherUnavailable
+from services.clients.teacher_pools import TeacherPool, TeacherPools
 from services.common.protocol import CompletionRecord, RolloutGroup, ScoreSequence, TeacherTopK
 from services.config.workers import ScorerConfig
 from services.queue.keys import ROLLOUTS, SCORED
 from services.queue.queues import AsyncQueue
+from services.queue.state import scored_by_pool
 from services.queue.streams import Delivery
 
 log = logging.getLogger(__name__)
@@ -86,21 +90,31 @@ class Scorer:
         self,
         config: ScorerConfig,
         queue: AsyncQueue,
-        teacher: Any | None,  # TeacherClient, or None in passthrough mode
+        teacher: Any | None,  # TeacherPools or one TeacherClient; None in passthrough mode
         consumer: str,
     ) -> None:
         if config.mode == "teacher" and teacher is None:
             raise ValueError("scorer mode 'teacher' needs a TeacherClient")
         self.config = config
         self.queue = queue
-        self.teacher = teacher
+        self.pools = TeacherPools.of(teacher) if teacher is not None else None
         self.consumer = consumer
         self.answered_at = time.monotonic()  # when a teacher last scored (or the start)
         self.degraded = False  # whether groups go on unscored now (on_teacher_down: grpo)
 
     async def score_groups(self, groups: list[RolloutGroup]) -> None:
         """Fill `teacher_logprobs` (and with `scorer.top_k`, `teacher_top_k`) of every
-        non-empty completion, in one teacher call."""
+        non-empty completion: one teacher call per pool the groups are routed to
+        (services/clients/teacher_pools.py), concurrently."""
+        assert self.pools is not None
+        await self.pools.each(groups, self._score_with)
+        self.answered_at = time.monotonic()
+        if self.degraded:
+            self.degraded = False
+            log.warning("a teacher answers again: groups are scored again")
+
+    async def _score_with(self, pool: TeacherPool, groups: list[RolloutGroup]) -> None:
+        """Score `groups` in one call to `pool`, recording the pool and its revision."""
         top_k = self.config.top_k
         sequences, targets = [], []
         for group in groups:
@@ -115,11 +129,7 @@ class Scorer:
         if not sequences:
             return
         started = time.perf_counter()
-        response = await self.teacher.score(sequences, top_k=top_k)  # type: ignore[union-attr]
-        self.answered_at = time.monotonic()
-        if self.degraded:
-            self.degraded = False
-            log.warning("a teacher answers again: groups are scored again")
+        response = await pool.client.score(sequences, top_k=top_k)
         await self._record_latency((time.perf_counter() - started) * 1000)
         for completion, scores in zip(targets, response.scores, strict=True):
             completion.teacher_logprobs = scores.logprobs
@@ -130,6 +140,7 @@ class Scorer:
                 )
         for group in groups:
             group.teacher_revision = response.revision
+            group.teacher_pool = pool.name
 
     async def _record_latency(self, latency_ms: float) -> None:
         """Best effort: the latency only feeds `rlad monitor`, so failing to record it must
@@ -166,10 +177,10 @@ class Scorer:
         gone. Otherwise `TeacherUnavailable` propagates: the caller retries."""
         if self.config.on_teacher_down == "wait":
             return await self._score_or_refuse(deliveries)
-        assert self.teacher is not None
+        assert self.pools is not None
         budget_s = self.answered_at + self.config.degrade_after_s - time.monotonic()
         if budget_s <= 0:  # degraded already
-            if not self.teacher.reachable():
+            if not self.pools.reachable():
                 self._degrade()
                 return None
             budget_s = self.config.degrade_after_s  # the health checks see one: try it
@@ -218,6 +229,8 @@ class Scorer:
                     ROLLOUTS, delivery.message_id, refused[delivery.message_id]
                 )
                 continue
+            elif group.teacher_pool is not None and self.pools and len(self.pools.pools) > 1:
+                also = scored_by_pool(group.teacher_pool)  # `rlad monitor` shows each pool's
             group.timestamps["scored"] = now
             await self.queue.forward(
                 ROLLOUTS, delivery.message_id, SCORED, group, counter="scored", also=also

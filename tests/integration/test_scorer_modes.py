@@ -214,7 +214,7 @@ def test_the_teacher_reports_its_dtype_and_the_scorer_warns_when_it_is_coarser(
     student = ServerInfo.model_validate(httpx.get(f"{teacher}/v1/info", timeout=10).json())
     run = run_config(tmp_path, tiny_student, tiny_teacher, trainer={"dtype": trained})
     with caplog.at_level(logging.WARNING, logger="services.cli.scorer"):
-        check_teacher(student, info, run)
+        check_teacher(student, info, run, "default")
     warnings = [r.getMessage() for r in caplog.records if r.name == "services.cli.scorer"]
     if not warned:
         assert warnings == []
@@ -239,5 +239,5 @@ def test_the_dtype_check_needs_no_deepspeed(
     coarse = info.model_copy(update={"dtype": "bfloat16"})
     run = run_config(tmp_path, tiny_student, tiny_teacher, trainer={"dtype": "auto"})
     with caplog.at_level(logging.WARNING, logger="services.cli.scorer"):
-        check_teacher(info, coarse, run)
+        check_teacher(info, coarse, run, "default")
     assert "coarser than the trainer's fp32 (trainer.dtype auto" in caplog.text

@@ -23,6 +23,7 @@ from services.config.base import ConfigError
 from services.config.run import RunConfig, load_run_config
 from services.config.servers import RolloutServerConfig, TeacherServerConfig
 from services.config.task import KKTaskConfig, MathTaskConfig
+from services.config.teachers import TeacherPoolConfig
 from services.config.trainer import TrainerConfig
 from services.config.workers import QueueConfig, RolloutWorkerConfig, ScorerConfig
 
@@ -90,7 +91,9 @@ BLOCKS: list[tuple[str, dict[str, Any], type[BaseModel]]] = [
     ("queue", {}, QueueConfig),
     ("rollout_server", {}, RolloutServerConfig),
     ("teacher_server", {}, TeacherServerConfig),
+    ("teacher_urls", {"name": "a", "urls": ["http://a"]}, TeacherPoolConfig),
 ]
+LIST_BLOCKS = {"teacher_urls"}  # a list of blocks: the misspelt key is in its first
 
 
 def test_the_blocks_cover_the_tree() -> None:
@@ -106,7 +109,10 @@ def test_a_misspelt_key_is_named_with_the_nearest_valid_one(
     longest = max(model.model_fields, key=len)
     typo = misspelt(longest)
     config = copy.deepcopy(BASE)
-    if key:
+    if key in LIST_BLOCKS:
+        config[key] = [{**block, typo: 1}]
+        key = f"{key}.0"
+    elif key:
         config[key] = {**block, typo: 1}
     else:
         config[typo] = 1

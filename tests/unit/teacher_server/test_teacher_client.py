@@ -15,8 +15,8 @@ from services.clients.teacher import (
     TeacherClient,
     TeacherRequestError,
     TeacherUnavailable,
-    verify_tokenizers,
 )
+from services.clients.teacher_pools import verify_tokenizers
 from services.common.protocol import ScoreSequence, ServerInfo
 from services.common.runtime import free_port
 from services.common.tokenizer_check import TokenizerMismatch
@@ -210,12 +210,13 @@ def test_verify_tokenizers_compares_both_servers(
 ) -> None:
     async def run(student_url: str) -> ServerInfo:
         async with TeacherClient([replicas[0].url], health_interval_s=0) as client:
-            return await verify_tokenizers(client, student_url)
+            (info,) = (await verify_tokenizers(client, student_url)).values()
+            return info
 
     assert asyncio.run(run(replicas[1].url)).role == "teacher"
     renamed = RenamedTokenizer(hf_engine)
     with (
         ThreadedServer(hf_config, renamed) as other,  # type: ignore[arg-type]
-        pytest.raises(TokenizerMismatch, match="fingerprints"),
+        pytest.raises(TokenizerMismatch, match=r"teacher pool 'default': .*fingerprints"),
     ):
         asyncio.run(run(other.url))

@@ -8,11 +8,11 @@ from services.common.protocol import CompletionRecord, RolloutGroup, TeacherTopK
 from trainer.intake import Intake
 
 
-def intake(algorithm: str, revision: str | None = None) -> Intake:
+def intake(algorithm: str, revisions: dict[str, str] | None = None) -> Intake:
     needs_teacher, on_every_group = {"trrd": (True, False), "grpo": (False, False)}.get(
         algorithm, (True, True)
     )
-    return Intake(2, 100, algorithm, needs_teacher, on_every_group, teacher_revision=revision)
+    return Intake(2, 100, algorithm, needs_teacher, on_every_group, dict(revisions or {}))
 
 
 TRRD, GRPO, KDRL = intake("trrd"), intake("grpo"), intake("kdrl")
@@ -72,9 +72,9 @@ def test_an_undecodable_payload_is_refused() -> None:
     assert TRRD.problem(None) == "payload could not be decoded"
 
 
-def scored_by(revision: str) -> RolloutGroup:
+def scored_by(revision: str, pool: str | None = None) -> RolloutGroup:
     return group(completion([5, 6]), completion([7])).model_copy(
-        update={"teacher_revision": revision}
+        update={"teacher_revision": revision, "teacher_pool": pool}
     )
 
 
@@ -84,21 +84,41 @@ def test_the_first_scored_group_pins_the_teacher_revision() -> None:
     assert pinned.problem(scored_by("aaa")) is None
     problem = pinned.problem(scored_by("bbb"))
     assert problem is not None and problem.startswith(
-        "scored by teacher revision bbb, but this run is pinned to aaa"
+        "scored by teacher revision bbb of pool default, but this run pins pool default to aaa"
     )
 
 
 def test_a_configured_revision_refuses_any_other() -> None:
-    pinned = intake("trrd", revision="bbb")
+    pinned = intake("trrd", {"default": "bbb"})
     assert pinned.problem(scored_by("aaa")) is not None
     assert pinned.problem(scored_by("bbb")) is None
+
+
+def test_each_teacher_pool_is_pinned_to_its_own_revision() -> None:
+    pinned = intake("trrd", {"math": "mmm"})
+    assert pinned.problem(scored_by("mmm", "math")) is None
+    assert pinned.problem(scored_by("lll", "logic")) is None  # pins logic to lll
+    assert pinned.teacher_revisions == {"math": "mmm", "logic": "lll"}
+    refused = pinned.problem(scored_by("mmm", "logic"))
+    assert refused is not None and "this run pins pool logic to lll" in refused
+    assert pinned.problem(scored_by("lll", "math")) is not None
+    # A group scored before pools were recorded counts as the one pool `default`.
+    assert pinned.problem(scored_by("ddd")) is None
+    assert pinned.teacher_revisions["default"] == "ddd"
+
+
+def test_a_resumed_run_keeps_its_pins_unless_the_config_names_others() -> None:
+    resumed = intake("trrd", {"math": "new"})
+    resumed.resume_pins({"math": "old", "logic": "lll"})
+    assert resumed.teacher_revisions == {"math": "new", "logic": "lll"}
+    assert resumed.problem(scored_by("other", "logic")) is not None
 
 
 def test_unscored_groups_pin_nothing() -> None:
     grpo = intake("grpo")
     unscored = group(completion([5], scored=False), completion([6], scored=False))
     assert grpo.problem(unscored.model_copy(update={"teacher_revision": "x"})) is None
-    assert grpo.teacher_revision is None
+    assert grpo.teacher_revisions == {}
 
 
 def test_teacher_logprobs_are_needed_only_where_the_loss_reads_them() -> None:
