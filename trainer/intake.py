@@ -34,9 +34,9 @@ class Intake:
     algorithm: str  # algorithm.name, for the reasons
     needs_teacher: bool  # the loss reads teacher logprobs (TRRD, KDRL)
     teacher_on_every_group: bool  # even where the advantages are 0 (KDRL's KD term)
-    top_k: int = 0  # scorer.top_k, when the loss reads the teacher's top-k (KDRL topk); else 0
     # Pinned revision per teacher pool; a pool not in it: its first scored group's.
     teacher_revisions: dict[str, str] = field(default_factory=dict)
+    top_k: int = 0  # scorer.top_k, when the loss reads the teacher's top-k (KDRL topk); else 0
 
     def problem(self, group: RolloutGroup | None) -> str | None:
         """Why the trainer cannot use `group`, or None when it can."""

@@ -147,9 +147,9 @@ def pools(*configs: dict[str, Any]) -> TeacherPools:
 
 def test_the_most_specific_task_rule_wins() -> None:
     routed = pools(
-        {"name": "logic", "urls": ["u"], "tasks": ["kk"]},
-        {"name": "big", "urls": ["v"], "tasks": ["kk/PPL8"]},
-        {"name": "math", "urls": ["w"], "tasks": ["math"]},
+        {"name": "logic", "urls": ["http://u:8100"], "tasks": ["kk"]},
+        {"name": "big", "urls": ["http://v:8100"], "tasks": ["kk/PPL8"]},
+        {"name": "math", "urls": ["http://w:8100"], "tasks": ["math"]},
     )
     assert routed.route(group("a", subset="PPL3")).name == "logic"
     assert routed.route(group("b", subset="PPL8")).name == "big"
@@ -161,9 +161,9 @@ def test_the_most_specific_task_rule_wins() -> None:
 
 def test_unrouted_groups_are_shared_by_weight_the_same_way_every_time() -> None:
     routed = pools(
-        {"name": "math", "urls": ["u"], "tasks": ["math"]},
-        {"name": "heavy", "urls": ["v"], "weight": 3.0},
-        {"name": "light", "urls": ["w"], "weight": 1.0},
+        {"name": "math", "urls": ["http://u:8100"], "tasks": ["math"]},
+        {"name": "heavy", "urls": ["http://v:8100"], "weight": 3.0},
+        {"name": "light", "urls": ["http://w:8100"], "weight": 1.0},
     )
     names = [routed.route(group(f"g{i}")).name for i in range(4000)]
     shares = Counter(names)
@@ -175,8 +175,8 @@ def test_unrouted_groups_are_shared_by_weight_the_same_way_every_time() -> None:
 
 def test_a_batch_is_split_by_pool_before_any_call() -> None:
     routed = pools(
-        {"name": "math", "urls": ["u"], "tasks": ["math"]},
-        {"name": "logic", "urls": ["v"], "tasks": ["kk"]},
+        {"name": "math", "urls": ["http://u:8100"], "tasks": ["math"]},
+        {"name": "logic", "urls": ["http://v:8100"], "tasks": ["kk"]},
     )
     batch = [group("k1"), group("m1", task="math"), group("k2")]
     parts = {pool.name: [g.group_id for g in part] for pool, part in routed.split(batch)}
