@@ -35,6 +35,15 @@ class ScorerConfig(StrictModel):
         default="teacher", description="`passthrough` skips the teacher (plain GRPO)."
     )
     batch_groups: int = Field(default=4, ge=1, description="Groups scored per teacher call.")
+    max_in_flight: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="Batches of batch_groups a scorer keeps at the teacher at once: it takes "
+        "more groups while earlier batches are being scored, so the teacher's latency is "
+        "hidden. Each batch is forwarded and acknowledged on its own as it finishes; the "
+        "groups held count toward queue.max_backlog like any other.",
+    )
     deadline_s: float = Field(default=120.0, gt=0.0, description="Per-call teacher deadline.")
     skip_zero_variance: bool = Field(
         default=True,
