@@ -67,6 +67,15 @@ class ScorerConfig(StrictModel):
         "completion token (6 bytes per token and k on the queue), which KDRL's "
         "kd_estimator topk needs; at most the teacher server's max_top_k. 0: none.",
     )
+    max_in_flight: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="Batches of batch_groups a scorer keeps at the teacher at once: it takes "
+        "more groups while earlier batches are being scored, so the teacher's latency is "
+        "hidden. Each batch is forwarded and acknowledged on its own as it finishes; the "
+        "groups held count toward queue.max_backlog like any other.",
+    )
     deadline_s: float = Field(default=120.0, gt=0.0, description="Per-call teacher deadline.")
     skip_zero_variance: bool = Field(
         default=True,

@@ -13,7 +13,7 @@ both ride out a Redis restart (retrying each call for `queue.redis_outage_s`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import redis
 import redis.asyncio
@@ -73,9 +73,12 @@ class GroupQueue:
         count: int = 1,
         block_ms: int = 1000,
         reclaim: bool = True,
+        holding: Collection[str] = (),
     ) -> list[Delivery]:
         return self._runner.run(
-            streams.consume(self.keys, self.config, stream, consumer, count, block_ms, reclaim)
+            streams.consume(
+                self.keys, self.config, stream, consumer, count, block_ms, reclaim, holding
+            )
         )
 
     def pending_for(self, stream: str, consumer: str) -> list[str]:
@@ -154,9 +157,12 @@ class AsyncQueue:
         count: int = 1,
         block_ms: int = 1000,
         reclaim: bool = True,
+        holding: Collection[str] = (),
     ) -> list[Delivery]:
         return await self._runner.run(
-            streams.consume(self.keys, self.config, stream, consumer, count, block_ms, reclaim)
+            streams.consume(
+                self.keys, self.config, stream, consumer, count, block_ms, reclaim, holding
+            )
         )
 
     async def dead_letter(self, stream: str, message_id: str, reason: str) -> None:

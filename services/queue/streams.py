@@ -4,10 +4,10 @@
 Streams (services/queue/keys.py): rollouts (rollout worker → scorers), scored (scorers →
 trainer) and dead (dead letters with their source and reason). Each consumer stage is a
 consumer group, so several scorers share one stream and a dead consumer's pending messages
-are reclaimed with XAUTOCLAIM. A message is acknowledged only after the work that used it
-is durable; one that keeps failing (delivered more than `max_deliveries` times) moves to the
-dead letters. Trimming only removes entries that every consumer group has delivered and
-acknowledged.
+are reclaimed (XPENDING with IDLE, then XCLAIM). A message is acknowledged only after the
+work that used it is durable; one that keeps failing (delivered more than `max_deliveries`
+times) moves to the dead letters. Trimming only removes entries that every consumer group
+has delivered and acknowledged.
 
 Every operation here is `Steps` (services/queue/runner.py) on one run's keys; `GroupQueue`
 and `AsyncQueue` (services/queue/queues.py) run the same ones, blocking or on an event loop.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,17 +149,16 @@ def consume(
     count: int,
     block_ms: int,
     reclaim: bool,
+    holding: Collection[str] = (),
 ) -> Steps[list[Delivery]]:
     """Reclaimed stale pending messages first (unless `reclaim` is off: a consumer that
     holds messages until a checkpoint must not take its own back), then new ones; poison
-    goes to the dead letters."""
+    goes to the dead letters. `holding`: ids this consumer is still working on, never
+    reclaimed (see `_reclaim`)."""
     key, group = keys.stream(stream), CONSUMER_GROUPS[stream]
     entries: list[Any] = []
     if reclaim:
-        reply = yield command(
-            "xautoclaim", key, group, consumer, min_idle_time=config.claim_idle_ms, count=count
-        )
-        entries = list(reply[1])  # Redis 7 adds a third element (deleted ids); 6.2 not
+        entries = yield from _reclaim(keys, config, stream, consumer, count, holding)
     if not entries:
         fresh = yield command(
             "xreadgroup", group, consumer, {key: ">"}, count=count, block=block_ms
@@ -167,6 +166,31 @@ def consume(
         entries = fresh[0][1] if fresh else []
     deliveries = yield from _deliveries(keys, stream, entries)
     return (yield from _live(keys, config, stream, deliveries))
+
+
+def _reclaim(
+    keys: RunKeys,
+    config: QueueConfig,
+    stream: str,
+    consumer: str,
+    count: int,
+    holding: Collection[str],
+) -> Steps[list[Any]]:
+    """Up to `count` messages pending for `claim_idle_ms` or more, taken over by
+    `consumer`, except those in `holding`: a consumer that works on several batches at
+    once must not take back its own slow one, which would count as one more delivery
+    (and end in the dead letters after `max_deliveries`) while it is still being worked
+    on. XCLAIM checks the idle time again, so of two consumers reclaiming the same
+    message only one gets it."""
+    key, group = keys.stream(stream), CONSUMER_GROUPS[stream]
+    rows = yield command(
+        "xpending_range", key, group, "-", "+", count + len(holding), idle=config.claim_idle_ms
+    )
+    stale = [text(row["message_id"]) for row in rows if text(row["message_id"]) not in holding]
+    if not stale:
+        return []
+    claimed = yield command("xclaim", key, group, consumer, config.claim_idle_ms, stale[:count])
+    return list(claimed)
 
 
 def _live(

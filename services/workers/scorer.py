@@ -4,6 +4,12 @@ replicas: services/clients/teacher_pools.py) and forwards the scored group to th
 `scored` stream, acknowledging the source in the same transaction. `passthrough` mode
 forwards groups unscored (plain GRPO).
 
+A teacher call costs its latency however small the batch, so a scorer keeps up to
+`scorer.max_in_flight` batches at the teacher at once, taking more groups while earlier
+batches are being scored. Each batch is on its own: forwarded when it finishes, retried,
+degraded or stopped as below without touching the others. A scorer never reclaims the
+groups it is still working on (`queue.consume(holding=...)`).
+
 No teacher call that cannot matter: with `scorer.skip_zero_variance` (on by default, off for
 kdrl) a group whose rewards are all equal has advantages of exactly 0, so TRRD and GRPO take
 no gradient from it whatever the teacher says; it is forwarded unscored and counted as
@@ -30,8 +36,8 @@ A failure costs only the groups at fault:
 Every `PRUNE_EVERY_S` a scorer forgets the consumers of gone scorers that hold no message
 (they would otherwise pile up with every restart).
 
-SIGTERM/SIGINT stops a scorer within `STOP_POLL_S`, even mid-call or mid-backoff; its
-unfinished groups stay pending for another scorer.
+SIGTERM/SIGINT stops a scorer within `STOP_POLL_S`, even mid-call or mid-backoff; the
+groups of every unfinished batch stay pending for another scorer.
 
 Run: `rlad scorer --config configs/tiny-cpu.yaml --teacher-url http://127.0.0.1:8002`.
 """
@@ -280,22 +286,62 @@ class Scorer:
             log.info("forgot %d gone scorer consumers: %s", len(gone), ", ".join(gone))
 
     async def run(self, should_stop: Callable[[], bool]) -> int:
+        """Consume and score until stopped, keeping up to `max_in_flight` batches at the
+        teacher at once, so that its latency overlaps instead of adding up. Each batch goes
+        through `process_until_done` on its own: forwarded (and acknowledged) when it
+        finishes, whatever the others do. A Redis error stops the scorer, every unfinished
+        batch pending."""
+        in_flight: dict[asyncio.Task[None], list[str]] = {}  # batch -> the ids it holds
         done = 0
         pruned_at = -PRUNE_EVERY_S
-        while not should_stop():
-            if time.monotonic() - pruned_at >= PRUNE_EVERY_S:
-                pruned_at = time.monotonic()
-                await self.prune_gone_consumers()
-            deliveries = await self.queue.consume(
-                ROLLOUTS, self.consumer, self.config.batch_groups, 500
-            )
-            for batch in _batches(deliveries):
-                if should_stop():
+        try:
+            while not should_stop():
+                if time.monotonic() - pruned_at >= PRUNE_EVERY_S:
+                    pruned_at = time.monotonic()
+                    await self.prune_gone_consumers()
+                if not await _room(in_flight, self.config.max_in_flight, should_stop):
                     break
-                await self.process_until_done(batch, should_stop)
-            done += len(deliveries)
+                holding = [message_id for ids in in_flight.values() for message_id in ids]
+                deliveries = await self.queue.consume(
+                    ROLLOUTS, self.consumer, self.config.batch_groups, 500, holding=holding
+                )
+                if deliveries:
+                    work = self._process_all(deliveries, should_stop)
+                    in_flight[asyncio.create_task(work)] = [d.message_id for d in deliveries]
+                done += len(deliveries)
+            # Stopping: each batch gives up within STOP_POLL_S, its groups pending.
+            await asyncio.gather(*in_flight)
+        finally:
+            for task in in_flight:  # only after an error: they are done otherwise
+                task.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)
         log.info("scorer %s stopping after %d groups", self.consumer, done)
         return done
+
+    async def _process_all(
+        self, deliveries: list[Delivery], should_stop: Callable[[], bool]
+    ) -> None:
+        for batch in _batches(deliveries):
+            if should_stop():
+                break
+            await self.process_until_done(batch, should_stop)
+
+
+async def _room(
+    in_flight: dict[asyncio.Task[None], list[str]], most: int, should_stop: Callable[[], bool]
+) -> bool:
+    """Wait until fewer than `most` batches are in flight, forgetting the finished ones;
+    False when asked to stop first. A batch that ended in an error (only a Redis error gets
+    this far) raises it here."""
+    while True:
+        for task in [t for t in in_flight if t.done()]:
+            del in_flight[task]
+            task.result()
+        if len(in_flight) < most:
+            return True
+        if should_stop():
+            return False
+        await asyncio.wait(in_flight, timeout=STOP_POLL_S, return_when=asyncio.FIRST_COMPLETED)
 
 
 def _batches(deliveries: list[Delivery]) -> list[list[Delivery]]:

