@@ -18,6 +18,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -263,3 +264,77 @@ def test_the_slurm_script_parses_and_passes_shellcheck() -> None:
         pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
     result = subprocess.run([shellcheck, str(SLURM)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+STUBS = {
+    # Slurm: three nodes; each srun step is recorded (Ray's nodes would block there).
+    "scontrol": "echo node-a; echo node-b; echo node-c",
+    "srun": 'echo "srun $*" >> "$LOG"',
+    "ray": 'echo "ray $*" >> "$LOG"',
+    "hostname": "echo 127.0.0.1",
+    # The driver: what it was given, and whether the Redis it was pointed at lets it in.
+    "rlad": """echo "rlad $*" >> "$LOG"
+echo "REDIS_URL=$REDIS_URL" >> "$LOG"
+for _ in $(seq 100); do
+  answer=$(REDISCLI_AUTH=$(cat "$REDIS_PASSWORD_FILE") redis-cli -u "$REDIS_URL" ping 2>&1) || true
+  [ "$answer" = PONG ] && break
+  sleep 0.1
+done
+echo "ping $answer" >> "$LOG"
+echo "without password $(redis-cli -u "$REDIS_URL" ping 2>&1)" >> "$LOG"
+""",
+}
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_the_slurm_script_starts_ray_on_every_node_redis_and_the_driver(tmp_path: Path) -> None:
+    """The script run outside Slurm with stand-ins for scontrol, srun, ray and rlad that
+    record what they are asked; Redis is a real redis-server."""
+    from services.common.runtime import free_port
+
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name, body in STUBS.items():
+        (stubs / name).write_text(f"#!/bin/sh\n{body}\n")
+        (stubs / name).chmod(0o755)
+    (tmp_path / "venv/bin").mkdir(parents=True)
+    (tmp_path / "venv/bin/activate").write_text("")
+    log, port = tmp_path / "calls.log", free_port()
+    env = {
+        "PATH": f"{stubs}:/usr/bin:/bin",
+        "LOG": str(log),
+        "SLURM_JOB_NODELIST": "node-[a-c]",
+        "SLURM_JOB_ID": "42",
+        "SLURM_SUBMIT_DIR": str(tmp_path),
+        "SLURM_CPUS_PER_TASK": "4",
+        "SLURM_GPUS_ON_NODE": "2",
+        "RLAD_VENV": str(tmp_path / "venv"),
+        "REDIS_PORT": str(port),
+    }
+    refused = subprocess.run(["bash", str(SLURM)], env=env, capture_output=True, text=True)
+    assert refused.returncode != 0 and "set RLAD_CONFIG" in refused.stderr
+    env["RLAD_CONFIG"] = "configs/my-run.yaml"
+    result = subprocess.run(
+        ["bash", str(SLURM)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    calls = log.read_text().splitlines()
+    head = "ray start --head --node-ip-address=127.0.0.1 --port=6380 --num-cpus=4 --num-gpus=2"
+    assert f"srun --nodes=1 --ntasks=1 -w node-a {head} --block" in calls
+    for node in ("node-b", "node-c"):
+        worker = "ray start --address=127.0.0.1:6380 --num-cpus=4 --num-gpus=2 --block"
+        assert f"srun --nodes=1 --ntasks=1 -w {node} {worker}" in calls
+    assert "rlad up --ray auto --config configs/my-run.yaml --no-live" in calls
+    assert f"REDIS_URL=redis://127.0.0.1:{port}/0" in calls
+    assert "ping PONG" in calls
+    assert any(c.startswith("without password NOAUTH") for c in calls), calls
+    password = tmp_path / "runs/slurm-42/redis/password"
+    assert password.stat().st_mode & 0o077 == 0 and len(password.read_text()) == 64
+    assert (tmp_path / "runs/slurm-42/redis/appendonlydir").is_dir()  # its AOF
+    # The Redis it started stops with it.
+    from services.queue.access import spoken_protocol
+
+    deadline = time.monotonic() + 10
+    while spoken_protocol("127.0.0.1", port) != "unreachable":
+        assert time.monotonic() < deadline, "the job's Redis outlived the job"
+        time.sleep(0.1)
