@@ -173,8 +173,9 @@ def ssl_failure(error: BaseException) -> BaseException | None:
 
 def spoken_protocol(host: str, port: int) -> Protocol:
     """ "plain" when a plain Redis answers an inline PING at host:port (with PONG, or an
-    error such as NOAUTH), "other" when something accepts the connection but does not
-    (a TLS-only Redis resets it), "unreachable" when nothing accepts it."""
+    error such as NOAUTH), "other" when something accepts the connection and closes it
+    without a Redis answer (a TLS-only Redis resets it), "unreachable" when nothing accepts
+    it or nothing answers in time (a Redis that hangs is an outage, not a wrong setting)."""
     try:
         connection = socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S)
     except OSError:
@@ -183,6 +184,8 @@ def spoken_protocol(host: str, port: int) -> Protocol:
         try:
             connection.sendall(b"PING\r\n")
             first = connection.recv(1)
+        except TimeoutError:
+            return "unreachable"
         except OSError:
             return "other"
     return "plain" if first in (b"+", b"-") else "other"

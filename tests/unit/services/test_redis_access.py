@@ -5,11 +5,20 @@ tests/integration/test_redis_access.py."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
+import redis
 
-from services.queue.access import PASSWORD_FILE_ENV, RedisAccessError, masked, resolve
+from services.queue.access import (
+    PASSWORD_FILE_ENV,
+    RedisAccessError,
+    masked,
+    refusal,
+    resolve,
+    spoken_protocol,
+)
 
 
 @pytest.mark.parametrize(
@@ -70,3 +79,13 @@ def test_urls_that_cannot_work_are_refused_before_connecting(tmp_path: Path) -> 
     ca.write_text("-----BEGIN CERTIFICATE-----\n")
     tls = resolve(f"rediss://redis:6380/0?ssl_ca_certs={ca}&socket_timeout=5", {})
     assert tls.url.startswith("rediss://")
+
+
+def test_a_server_that_hangs_is_an_outage_not_a_wrong_setting() -> None:
+    # Accepts connections (the kernel does, from the backlog) and never answers, as a
+    # Redis that is stopped: waited out by the queue, not mistaken for a TLS-only Redis.
+    with socket.create_server(("127.0.0.1", 0)) as hung:
+        port = hung.getsockname()[1]
+        assert spoken_protocol("127.0.0.1", port) == "unreachable"
+        error = redis.TimeoutError("Timeout reading from socket")
+        assert refusal(error, resolve(f"redis://127.0.0.1:{port}/0", {})) is None
