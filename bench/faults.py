@@ -55,6 +55,7 @@ from services.common.runtime import free_port
 from services.config.run import RunConfig
 from services.launch.processes import ManagedProcess, ProcessDied
 from services.launch.up import Pipeline, pipeline
+from services.queue.connection import connect
 from services.queue.keys import SCORERS
 from services.queue.queues import QueueReader
 from trainer import checkpoint
@@ -98,7 +99,7 @@ class RedisServer:
     def start(self, timeout_s: float = 10.0) -> None:
         """Start and wait until it answers (it has loaded its append-only file by then)."""
         self.process.start()
-        client = redis.Redis.from_url(self.url, socket_timeout=1.0)
+        client = connect(self.url, socket_timeout=1.0)
         deadline = time.monotonic() + timeout_s
         try:
             while True:
@@ -114,7 +115,7 @@ class RedisServer:
             client.close()
 
     def shutdown_nosave(self) -> None:
-        redis.Redis.from_url(self.url).shutdown(nosave=True)
+        connect(self.url).shutdown(nosave=True)
         self.process.wait(timeout_s=10.0)
 
 
@@ -280,7 +281,7 @@ class Supervisor:
             self.health["teacher"] = f"{running.teacher_urls[0]}/health"
         self.audit = TrainingAudit(run.folder)
         self.metrics = run.folder / "metrics.jsonl"
-        client = redis.Redis.from_url(redis_server.url, socket_timeout=5.0)
+        client = connect(redis_server.url, socket_timeout=5.0)
         self.reader = QueueReader(client, run.name)
         self.down: set[str] = set()  # stopped on purpose, not restarted yet
         self.seen_dead: set[int] = set()  # pids already reported

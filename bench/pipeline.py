@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import redis
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from tiny_stack import base_config
@@ -44,7 +43,7 @@ from services.common.protocol import CompletionRecord, RolloutGroup
 from services.config.algorithm import switch_algorithm
 from services.config.run import RunConfig
 from services.launch.up import pipeline
-from services.queue.connection import embedded_url, start_embedded_redis
+from services.queue.connection import connect, embedded_url, start_embedded_redis
 from services.queue.keys import ROLLOUTS
 from services.queue.queues import GroupQueue
 from trainer.metrics_sink import read_metrics
@@ -135,7 +134,7 @@ def run(config: dict[str, Any], name: str, label: str, changes: dict[str, Any]) 
 def queue_overhead_per_group(group_size: int, tokens: int, repeats: int = 300) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         server = start_embedded_redis(Path(tmp) / "bench.db")
-        queue = GroupQueue(redis.Redis.from_url(embedded_url(server)), "bench")
+        queue = GroupQueue(connect(embedded_url(server)), "bench")
         group = RolloutGroup(
             group_id="g",
             prompt_id="p",

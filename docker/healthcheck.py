@@ -22,13 +22,19 @@ def check(argv: list[str]) -> str | None:
     if argv == ["--redis"]:
         import redis
 
+        # The client every rlad process uses: REDIS_PASSWORD_FILE, TLS, no password shown.
+        from services.queue.access import RedisAccessError, masked
+        from services.queue.connection import connect
+
         url = os.environ.get("REDIS_URL")
         if not url:
             return "REDIS_URL is not set"
         try:
-            redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5).ping()
+            connect(url, socket_timeout=5, socket_connect_timeout=5).ping()
+        except RedisAccessError as exc:
+            return str(exc)
         except redis.RedisError as exc:
-            return f"redis at {url}: {exc}"
+            return f"redis at {masked(url)}: {exc}"
         return None
     if len(argv) != 1:
         return "usage: healthcheck.py URL | --redis"

@@ -182,7 +182,12 @@ healthy() {
   done
 }
 
-redis_cli() { stack exec -T redis redis-cli "$@" | tr -d '\r'; }
+# With the password of the secret (REDISCLI_AUTH: not on a command line).
+redis_cli() {
+  # shellcheck disable=SC2016 # expanded by the container's shell
+  stack exec -T redis sh -c 'REDISCLI_AUTH=$(cat /run/secrets/redis_password) exec redis-cli "$@"' \
+    redis-cli "$@" | tr -d '\r'
+}
 
 # JSON on stdin, a Python expression of it (`d`) as argument: the value, printed.
 json_get() { python3 -c "import json, sys; d = json.load(sys.stdin); print($1)"; }
@@ -238,18 +243,10 @@ prerequisites() {
 # Both projects' settings, and the keys as compose secrets, in the work folder.
 write_env_files() {
   local gateway
-  mkdir -p "$WORK/secrets"
-  od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$WORK/secrets/rlad_api_key"
-  od -An -tx1 -N16 /dev/urandom | tr -d ' \n' >"$WORK/secrets/grafana_admin_password"
-  # As .env.example says: readable by the containers' users, uid 10001 (rlad), gid 0 (grafana).
+  # As a user makes them (.env.example): readable by the containers' users, gid 10001 (rlad,
+  # Redis), gid 0 (grafana).
+  scripts/secrets.sh "$WORK/secrets" >/dev/null
   chmod 0755 "$WORK" "$WORK/secrets"
-  if [ "$(id -u)" = 0 ]; then
-    chgrp 10001 "$WORK/secrets/rlad_api_key"
-    chgrp 0 "$WORK/secrets/grafana_admin_password"
-    chmod 0640 "$WORK/secrets/"*
-  else
-    chmod 0644 "$WORK/secrets/"*
-  fi
   # The remote teacher listens on the host's address on Docker's default bridge: reachable
   # from the stack's containers as another host's teacher would be, from nowhere else.
   gateway=$(ip -4 -o addr show docker0 2>/dev/null | awk '{ split($4, a, "/"); print a[1] }')

@@ -33,13 +33,11 @@ Run = typer.Option(
 
 
 def _reader(redis_url: str | None, run: str | None) -> tuple[redis.Redis, QueueReader]:
-    import redis
-
-    from services.cli.options import open_run_reader
+    from services.cli.options import open_run_reader, redis_client
 
     if not redis_url:
         raise typer.BadParameter("pass --redis-url or set REDIS_URL", param_hint="--redis-url")
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     return client, open_run_reader(client, run)
 
 

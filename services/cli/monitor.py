@@ -17,7 +17,10 @@ import typer
 
 def command(
     redis_url: str = typer.Option(
-        None, "--redis-url", envvar="REDIS_URL", help="The run's Redis (redis:// or unix://)."
+        None,
+        "--redis-url",
+        envvar="REDIS_URL",
+        help="The run's Redis (redis://, rediss:// or unix://).",
     ),
     run: str | None = typer.Option(
         None,
@@ -37,13 +40,14 @@ def command(
     host: str = typer.Option("127.0.0.1", help="With --serve-metrics: interface to bind."),
 ) -> None:
     """Watch the queue and the trainer of a running pipeline."""
-    import redis
     from rich.console import Console
+
+    from services.cli.options import redis_client
 
     if not redis_url:
         # Never the embedded default here: a fresh empty Redis would show a misleading zero.
         raise typer.BadParameter("pass --redis-url or set REDIS_URL to the run's Redis")
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     if serve_metrics is not None:  # the run may start after the exporter: found per scrape
         import uvicorn
 

@@ -2,7 +2,8 @@
 
 `load_run` reads a `--config` run YAML and turns a refused config into a usage error (exit
 code 2, one line per problem, no traceback); `open_run_reader` does the same for a `--run`
-that names no run, or no `--run` where several share the Redis. `model_options` gives a command one
+that names no run, or no `--run` where several share the Redis, and `redis_client` for a Redis
+that refuses this client (a wrong password, TLS). `model_options` gives a command one
 `--field-name` option per field of a settings model, with the field's type, default and
 description, so that no option is declared twice; `build_model` validates what was given
 and names the offending flag when a value is refused.
@@ -20,18 +21,38 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 import redis
+import redis.asyncio
 import typer
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from services.config.base import ConfigError
 from services.config.run import RunConfig, load_run_config
-from services.queue.connection import NoSuchRun, pick_run
+from services.queue.access import RedisAccessError
+from services.queue.connection import NoSuchRun, connect, connect_async, pick_run
 from services.queue.queues import QueueReader
 
 M = TypeVar("M", bound=BaseModel)
 SETTINGS = "settings"  # the parameter that receives the generated options' values
 PLAIN_TYPES = (str, int, float, bool, Path)
+
+
+REDIS_HINT = "--redis-url / REDIS_URL"
+
+
+def redis_client(url: str | None) -> redis.Redis:
+    """`connect`, with a refusal that a setting fixes a usage error naming it (exit code 2)."""
+    try:
+        return connect(url)
+    except RedisAccessError as exc:
+        raise typer.BadParameter(str(exc), param_hint=REDIS_HINT) from None
+
+
+def async_redis_client(url: str | None) -> redis.asyncio.Redis:
+    try:
+        return connect_async(url)
+    except RedisAccessError as exc:
+        raise typer.BadParameter(str(exc), param_hint=REDIS_HINT) from None
 
 
 def open_run_reader(client: redis.Redis, run: str | None) -> QueueReader:
@@ -42,7 +63,7 @@ def open_run_reader(client: redis.Redis, run: str | None) -> QueueReader:
     except (NoSuchRun, ValueError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--run") from None
     except redis.RedisError as exc:
-        raise typer.BadParameter(f"cannot read Redis: {exc}", param_hint="--redis-url") from None
+        raise typer.BadParameter(f"cannot read Redis: {exc}", param_hint=REDIS_HINT) from None
 
 
 def load_run(path: Path, overrides: dict[str, object] | None = None) -> RunConfig:

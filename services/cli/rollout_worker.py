@@ -19,11 +19,10 @@ def command(
     """Feed prompts to the rollout servers and publish one scored-by-reward group per prompt."""
     from transformers import AutoTokenizer
 
-    from services.cli.options import load_run
+    from services.cli.options import async_redis_client, load_run
     from services.clients.rollout import RolloutClient
     from services.common.http_server import api_key
     from services.common.runtime import StopFlag, configure_logging
-    from services.queue.connection import connect_async
     from services.queue.queues import AsyncQueue
     from services.tasks import load_task
     from services.workers.rollout_worker import RolloutWorker
@@ -35,7 +34,7 @@ def command(
 
     async def main() -> None:
         async with (
-            connect_async(redis_url) as redis_client,
+            async_redis_client(redis_url) as redis_client,
             RolloutClient(rollout_url, api_key=api_key()) as client,
         ):
             queue = await AsyncQueue.open(redis_client, run.name, run.queue)

@@ -60,14 +60,13 @@ def command(
     ),
 ) -> None:
     """Score groups with the teacher (or pass them through for plain GRPO)."""
-    from services.cli.options import load_run
+    from services.cli.options import async_redis_client, load_run
     from services.clients.discovery import expand_teacher_urls
     from services.clients.rollout import RolloutClient
     from services.clients.teacher_pools import TeacherPools, with_urls
     from services.common.http_server import api_key
     from services.common.runtime import StopFlag, configure_logging
     from services.config.workers import parse_teacher_url
-    from services.queue.connection import connect_async
     from services.queue.queues import AsyncQueue
     from services.workers.scorer import Scorer, Stopped, until_stopped
 
@@ -90,7 +89,7 @@ def command(
             raise typer.BadParameter(str(exc), param_hint="--teacher-url") from exc
 
     async def main() -> None:
-        async with connect_async(redis_url) as redis_client:
+        async with async_redis_client(redis_url) as redis_client:
             queue = await AsyncQueue.open(redis_client, run.name, run.queue)
             if passthrough:
                 await Scorer(run.scorer, queue, None, consumer).run(stop)

@@ -16,17 +16,16 @@ def command(
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint."),
 ) -> None:
     """Train the student on scored groups and push each new version to the rollout servers."""
-    from services.cli.options import load_run
+    from services.cli.options import load_run, redis_client
     from services.common.http_server import api_key
     from services.common.runtime import StopFlag, configure_logging
-    from services.queue.connection import connect
     from services.queue.queues import GroupQueue
     from trainer.train import Trainer
 
     configure_logging("trainer")
     run = load_run(config)
     stop = StopFlag()
-    queue = GroupQueue(connect(redis_url), run.name, run.queue)
+    queue = GroupQueue(redis_client(redis_url), run.name, run.queue)
     trainer = Trainer(run, queue, rollout_url, api_key=api_key(), should_stop=stop)
     if resume:
         trainer.resume()

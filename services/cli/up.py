@@ -23,6 +23,7 @@ def command(
     from services.cli.options import load_run
     from services.common.runtime import configure_logging
     from services.launch.up import up
+    from services.queue.access import RedisAccessError
 
     overrides: dict[str, object] = {}
     if steps is not None:
@@ -34,7 +35,10 @@ def command(
     # SIGTERM (kill, a supervisor) must stop the children exactly as Ctrl-C does: raising
     # KeyboardInterrupt runs the clean-up that stops every process group.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    folder = up(run, resume=resume, live=live)
+    try:
+        folder = up(run, resume=resume, live=live)
+    except RedisAccessError as exc:
+        raise typer.BadParameter(str(exc), param_hint="REDIS_URL") from None
     Console().print(
         f"[bold green]done[/bold green]: run folder {folder} "
         f"(metrics.jsonl, curves.png, final/, checkpoints/, logs/)"

@@ -65,6 +65,8 @@ class Stack:
 
 
 def prepare_redis(stack: Stack, run: str, fresh: bool) -> str:
+    """The run's Redis: REDIS_URL's (checked here, so that a wrong password stops `rlad up`
+    before any process starts), else an embedded one in the run folder."""
     url = os.environ.get("REDIS_URL")
     if url is None:
         db = stack.folder / "redis" / "rlad.db"
@@ -72,8 +74,10 @@ def prepare_redis(stack: Stack, run: str, fresh: bool) -> str:
             shutil.rmtree(db.parent)
         stack.redis_server = start_embedded_redis(db)
         url = embedded_url(stack.redis_server)
-    elif fresh:
-        clear_run(connect(url), run)
+    else:
+        client = connect(url)
+        if fresh:
+            clear_run(client, run)
     return url
 
 
@@ -145,7 +149,9 @@ def launch(
     rollout.wait_healthy(f"{rollout_url}/health")
     if teacher is not None:
         teacher.wait_healthy(f"{teacher_urls[0]}/health")
-    common = ["--config", str(config_path), "--redis-url", redis_url]
+    # The Redis URL goes in the environment, never on a command line where `ps` shows a password.
+    stack.env["REDIS_URL"] = redis_url
+    common = ["--config", str(config_path)]
     flags = [flag for url in teacher_flags for flag in ("--teacher-url", url)]
     stack.start("scorer", "scorer", *common, *flags, "--rollout-url", rollout_url)
     stack.start("rollout-worker", "rollout-worker", *common, "--rollout-url", rollout_url)

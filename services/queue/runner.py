@@ -30,6 +30,7 @@ from tenacity import (
     RetryCallState,
     Retrying,
     retry_if_exception_type,
+    retry_if_not_exception_type,
     stop_after_delay,
 )
 
@@ -40,8 +41,10 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 # A restarting server refuses connections, drops them, or answers LOADING (a subclass of
-# ConnectionError) while it reads its AOF.
+# ConnectionError) while it reads its AOF. A refused password is a ConnectionError to
+# redis-py too, but no outage: waiting would only delay the error that says what to fix.
 OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+NOT_OUTAGES = (redis.AuthenticationError,)
 OUTAGE_LOG_EVERY = 10  # attempts: an outage is logged when it starts and then now and then
 
 
@@ -93,7 +96,7 @@ def _outage_policy(outage_s: float) -> dict[str, Any]:
     """Backoff from 0.1 s doubling to 2 s, with jitter so that the processes of a run do
     not all reconnect at once; after `outage_s` the error is raised."""
     return {
-        "retry": retry_if_exception_type(OUTAGE_ERRORS),
+        "retry": retry_if_exception_type(OUTAGE_ERRORS) & retry_if_not_exception_type(NOT_OUTAGES),
         "stop": stop_after_delay(outage_s),
         "wait": jittered_exponential(0.1, 2.0),
         "before_sleep": _log_outage,

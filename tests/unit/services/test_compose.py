@@ -1,6 +1,8 @@
 """docker-compose.yml, parsed and checked: healthchecks, pinned images, health-gated
 dependencies, volumes and GPU reservations where they belong, every variable documented in
-.env.example with the same default, keys only as secret files, every `rlad` flag a compose
+.env.example with the same default, keys only as secret files (scripts/secrets.sh makes them),
+Redis with the password of its secret and every process that uses Redis given it (the Redis
+service's start line and healthcheck run against a real redis-server), every `rlad` flag a compose
 command passes accepted by the real CLI, the experiments the entrypoint renders valid, and
 only keys that both Compose v2 and docker-compose 1.29 accept (validated by each of them
 that is installed). scripts/compose_smoke.sh runs the stack itself."""
@@ -12,6 +14,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -159,12 +162,100 @@ def test_keys_are_secrets_never_environment() -> None:
     for name, svc in SERVICES.items():
         for key, value in svc.get("environment", {}).items():
             if re.search(r"API_KEY|PASSWORD|SECRET|HF_TOKEN", key):
-                # Only a pointer to a mounted secret file (Grafana's `__FILE` convention).
-                assert key.endswith("__FILE") and value.startswith("/run/secrets/"), (name, key)
+                # Only a pointer to a mounted secret file (Grafana's `__FILE`, REDIS_PASSWORD_FILE).
+                assert key.endswith("_FILE") and value.startswith("/run/secrets/"), (name, key)
+                assert value.removeprefix("/run/secrets/") in svc["secrets"], (name, key)
         if name not in ALWAYS_ON:  # every pipeline process talks to an authenticated server
             assert (name in ONE_SHOT) != ("rlad_api_key" in svc.get("secrets", [])), name
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".env" in ignored and "secrets" in ignored
+
+
+REDIS_SECRET = "/run/secrets/redis_password"
+
+
+def test_redis_demands_the_password_of_its_secret_from_every_client() -> None:
+    redis_service = SERVICES["redis"]
+    assert redis_service["secrets"] == ["redis_password"]
+    assert REDIS_SECRET in redis_service["entrypoint"][2]
+    assert '--requirepass "$$p"' in redis_service["entrypoint"][2]
+    assert REDIS_SECRET in redis_service["healthcheck"]["test"][1]
+    clients = {n for n, s in SERVICES.items() if "REDIS_URL" in s.get("environment", {})}
+    assert {"trainer", "scorer", "rollout-worker", "monitor"} <= clients
+    assert {"trainer-cpu", "scorer-cpu", "rollout-worker-cpu"} <= clients
+    for name, svc in SERVICES.items():
+        environment = svc.get("environment", {})
+        if name not in clients:
+            assert "REDIS_PASSWORD_FILE" not in environment, name
+            continue
+        # The URL names no password: each process reads the mounted secret.
+        assert environment["REDIS_URL"] == "redis://redis:6379/0", name
+        assert environment["REDIS_PASSWORD_FILE"] == REDIS_SECRET, name
+        assert "redis_password" in svc["secrets"], name
+
+
+def container_shell(line: str, secret: Path) -> str:
+    """A compose shell line as the container's shell runs it (`$$` is compose's `$`), with
+    the secret at `secret` instead of /run/secrets."""
+    return line.replace("$$", "$").replace(REDIS_SECRET, str(secret))
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_the_redis_service_starts_with_its_secret_and_its_healthcheck_uses_it(
+    tmp_path: Path,
+) -> None:
+    """The Redis service's entrypoint, command and healthcheck run here as compose runs
+    them, with a real redis-server (the engine itself: scripts/compose_smoke.sh)."""
+    import redis
+
+    from services.common.runtime import free_port
+
+    service = SERVICES["redis"]
+    shell, flag, script, name = service["entrypoint"]
+    secret = tmp_path / "redis_password"
+    port = free_port()
+    argv = [shell, flag, container_shell(script, secret), name, *service["command"]]
+    argv += ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)]
+    secret.write_text("")
+    refused = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 64 and "run scripts/secrets.sh" in refused.stderr
+    secret.write_text("from-the-secret")
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(port=port, password="from-the-secret")
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert client.config_get("appendonly") == {"appendonly": "yes"}
+                break
+            except redis.ConnectionError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port).ping()
+        # `ps` shows redis-server's title, not the password it was given.
+        assert b"from-the-secret" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        check = container_shell(service["healthcheck"]["test"][1], secret)
+        check = check.replace("redis-cli", f"redis-cli -p {port}")
+        assert subprocess.run(["sh", "-c", check]).returncode == 0
+        secret.write_text("not-the-password")
+        assert subprocess.run(["sh", "-c", check], capture_output=True).returncode != 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_the_secrets_script_makes_every_compose_secret_once(tmp_path: Path) -> None:
+    folder = tmp_path / "secrets"
+    script = str(ROOT / "scripts/secrets.sh")
+    made = subprocess.run([script, str(folder)], capture_output=True, text=True, check=True)
+    assert made.stdout.count(": made") == len(COMPOSE["secrets"])
+    keys = {name: (folder / name).read_text() for name in COMPOSE["secrets"]}
+    assert all(re.fullmatch(r"[0-9a-f]{32,64}", key) for key in keys.values()), keys
+    again = subprocess.run([script, str(folder)], capture_output=True, text=True, check=True)
+    assert again.stdout.count(": kept") == len(COMPOSE["secrets"])
+    assert keys == {name: (folder / name).read_text() for name in COMPOSE["secrets"]}
+    assert "secrets/" in (ROOT / ".gitignore").read_text().splitlines()
 
 
 def test_profiles_select_gpu_cpu_and_the_local_teacher() -> None:
