@@ -30,6 +30,7 @@ from services.config.algorithm import KdrlConfig
 from services.config.run import RunConfig
 from services.queue.keys import SCORED
 from services.queue.queues import GroupQueue
+from services.queue.registry import ServerRegistry
 from services.queue.streams import Delivery
 from services.weights.probe import make_probe
 from trainer import checkpoint
@@ -64,7 +65,10 @@ class Trainer:
         rollout_urls: list[str],
         api_key: str | None = None,
         should_stop: Callable[[], bool] = lambda: False,
+        registry: ServerRegistry | None = None,
     ) -> None:
+        """`rollout_urls`: the servers to push weights to; or, with a `registry`, the
+        rollout servers registered there (`--rollout-url registry`)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.run = run
@@ -105,7 +109,7 @@ class Trainer:
         self.folder = run.folder
         self.ckpt_dir = self.folder / "checkpoints"
         self.sink = MetricsSink(self.folder, self.config.tensorboard, self.config.wandb_project)
-        self.sync = WeightSync(self.engine, run, rollout_urls, api_key, self.is_main)
+        self.sync = WeightSync(self.engine, run, rollout_urls, api_key, self.is_main, registry)
         self.progress = checkpoint.Progress()
         self.retrain: list[Delivery] = []
         # The version of the weights the retrained groups' lost update started from.
