@@ -122,6 +122,9 @@ class Trainer:
         restored = checkpoint.load(self.engine, self.ckpt_dir)
         if restored is not None:
             self.progress = restored
+            if self.is_main:
+                cursor = self.queue.restore_prompt_cursor(restored.prompt_cursor)
+                log.info("the prompt stream continues at position %d", cursor)
         pending = self.queue.pending_for(SCORED, self.consumer)
         contained = set(self.progress.consumed)
         done = [m for m in pending if m in contained]
@@ -384,7 +387,8 @@ class Trainer:
             gathered: list[list[str] | None] = [None] * self.world
             dist.all_gather_object(gathered, self.progress.consumed)
             everyone = [message for ids in gathered for message in ids or []]
-        saved = self.progress.model_copy(update={"consumed": everyone})
+        prompts = self.queue.prompt_low_water(set(everyone)) if self.is_main else 0
+        saved = self.progress.model_copy(update={"consumed": everyone, "prompt_cursor": prompts})
         checkpoint.save(
             self.engine, self.ckpt_dir, saved, self.config.keep_checkpoints, self.is_main
         )

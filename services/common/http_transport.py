@@ -55,6 +55,9 @@ class ServeSettings(Protocol):
     def loopback_only(self) -> bool: ...
 
     @property
+    def drain_grace_s(self) -> float: ...
+
+    @property
     def drain_timeout_s(self) -> float: ...
 
 
@@ -151,7 +154,6 @@ class Announcer(Protocol):
     it stops; `withdraw` when it is gone."""
 
     heartbeat_s: float
-    drain_grace_s: float
 
     async def announce(self, info: ServerInfo, draining: bool) -> None: ...
 
@@ -229,7 +231,7 @@ async def _drain(
     app.state.draining = True
     await _quietly(announcer.announce(app.state.info(), True), "announce draining")
     deadline = time.monotonic() + settings.drain_timeout_s
-    await asyncio.sleep(min(announcer.drain_grace_s, settings.drain_timeout_s))
+    await asyncio.sleep(min(settings.drain_grace_s, settings.drain_timeout_s))
     while app.state.in_flight and time.monotonic() < deadline and not server.should_exit:
         await asyncio.sleep(0.05)
     if app.state.in_flight:

@@ -62,10 +62,6 @@ class RunKeys:
         return f"{PREFIX}:{self.run}:prompt_cursor"
 
     @property
-    def prompt_claims(self) -> str:  # hash: rollout worker -> first prompt index it holds
-        return f"{PREFIX}:{self.run}:prompt_claims"
-
-    @property
     def pattern(self) -> str:
         """Matches every key of this run and of no other."""
         return f"{PREFIX}:{self.run}:*"

@@ -127,6 +127,14 @@ return redis.call('HMGET', KEYS[2], unpack(live))
 """
 )
 
+# KEYS: a counter; ARGV: a value. Sets the counter to the value unless it is above already.
+RAISE_TO = """
+local now = tonumber(redis.call('GET', KEYS[1]) or '0')
+local wanted = tonumber(ARGV[1])
+if wanted > now then redis.call('SET', KEYS[1], wanted); return wanted end
+return now
+"""
+
 SCRIPTS = {
     "publish": PUBLISH,
     "forward": FORWARD,
@@ -137,4 +145,5 @@ SCRIPTS = {
     "record_latency": RECORD_LATENCY,
     "heartbeat": HEARTBEAT,
     "live_servers": LIVE_SERVERS,
+    "raise_to": RAISE_TO,
 }

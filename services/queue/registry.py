@@ -43,9 +43,6 @@ REGISTRY = "registry"  # what `--teacher-url` / `--rollout-url` say to follow th
 HEARTBEAT_S = 2.0  # how often a registered server writes its record
 TTL_S = 10.0  # a record this long without a heartbeat is gone (five missed heartbeats)
 FOLLOW_S = 2.0  # how often a client reads the registry
-# A draining server keeps serving this long before it waits for its last requests: every
-# client following the registry has looked at least once by then.
-DRAIN_GRACE_S = 2 * FOLLOW_S
 # A Redis outage costs a server its heartbeats; it retries for less than the TTL so that
 # the next heartbeat is not late on top of the outage.
 HEARTBEAT_OUTAGE_S = TTL_S / 2
@@ -142,7 +139,6 @@ class Registration:
     (the `Announcer` of services.common.http_transport)."""
 
     heartbeat_s = HEARTBEAT_S
-    drain_grace_s = DRAIN_GRACE_S
 
     def __init__(self, registry: AsyncServerRegistry, url: str, pool: str = DEFAULT_POOL):
         self.registry = registry
