@@ -205,39 +205,46 @@ async def _serve_announced(
         while not server.drain_requested and not serving.done():
             await asyncio.sleep(0.1)
         if server.drain_requested:
-            await _drain(server, app, settings, announcer)
+            await _drain(server, app, settings)
+        # Heartbeats end first, or one could write the record again after it is withdrawn.
+        await _cancel(heartbeat)
+        await _quietly(announcer.withdraw(), "withdraw the registration")
+        server.should_exit = True
         await serving
     finally:
-        if heartbeat is not None:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+        if heartbeat is not None and not heartbeat.done():  # an error on the way
+            await _cancel(heartbeat)
             await _quietly(announcer.withdraw(), "withdraw the registration")
 
 
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def _heartbeats(app: Any, announcer: Announcer) -> None:
+    """The record, now and every `heartbeat_s`: `draining` as soon as the server is."""
     while True:
         await _quietly(announcer.announce(app.state.info(), app.state.draining), "heartbeat")
-        await asyncio.sleep(announcer.heartbeat_s)
+        draining = app.state.draining
+        deadline = time.monotonic() + announcer.heartbeat_s
+        while time.monotonic() < deadline and app.state.draining == draining:
+            await asyncio.sleep(0.05)
 
 
-async def _drain(
-    server: _DrainingServer, app: Any, settings: ServeSettings, announcer: Announcer
-) -> None:
+async def _drain(server: _DrainingServer, app: Any, settings: ServeSettings) -> None:
     """Say `draining` (registry and `/health`) and keep serving for `drain_grace_s`, so
-    that every client has looked and sends nothing new; then finish the requests in
-    flight (up to `drain_timeout_s`) and let uvicorn shut down."""
+    that every client has looked and sends nothing new; then wait for the requests in
+    flight (up to `drain_timeout_s`)."""
     log.info("stopping: draining (clients are told to send elsewhere)")
-    app.state.draining = True
-    await _quietly(announcer.announce(app.state.info(), True), "announce draining")
+    app.state.draining = True  # the next heartbeat, at once, says so
     deadline = time.monotonic() + settings.drain_timeout_s
     await asyncio.sleep(min(settings.drain_grace_s, settings.drain_timeout_s))
     while app.state.in_flight and time.monotonic() < deadline and not server.should_exit:
         await asyncio.sleep(0.05)
     if app.state.in_flight:
         log.warning("%d requests still in flight after the drain timeout", app.state.in_flight)
-    await _quietly(announcer.withdraw(), "withdraw the registration")
-    server.should_exit = True
 
 
 async def _quietly(call: Awaitable[None], what: str) -> None:
