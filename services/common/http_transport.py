@@ -178,16 +178,16 @@ def serve(app: Any, settings: ServeSettings, announcer: Announcer | None = None)
     """Run `app` under uvicorn at `settings.host:port` until stopped; with an `announcer`,
     announce the server once it is ready and drain it on the first SIGTERM."""
     warn_if_unprotected(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        http=header_timeout_protocol(settings.header_timeout_s),
-    )
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "http": header_timeout_protocol(settings.header_timeout_s),
+    }
     if announcer is None:
-        uvicorn.Server(config).run()
+        uvicorn.run(app, **options)
         return
+    config = uvicorn.Config(app, **options)
     asyncio.run(_serve_announced(_DrainingServer(config), app, settings, announcer))
 
 

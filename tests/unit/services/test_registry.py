@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 import redis
+import typer
 
 from services.clients.replicas import ReplicaSet
 from services.clients.rollout import RolloutClient
@@ -156,3 +158,18 @@ def test_clients_start_empty_only_when_following_a_registry() -> None:
         assert [r.url for r in teacher.replicas] == ["http://t:1"]
 
     asyncio.run(scenario())
+
+
+def test_the_command_line_says_where_a_server_is_reached() -> None:
+    from services.cli.options import advertised_url, registry_given
+    from services.config.servers import TeacherServerConfig
+
+    assert advertised_url(TeacherServerConfig(model="m", port=8100)) == "http://127.0.0.1:8100"
+    there = TeacherServerConfig(model="m", host="10.1.2.3", port=8100)
+    assert advertised_url(there) == "http://10.1.2.3:8100"
+    anywhere = advertised_url(TeacherServerConfig(model="m", host="0.0.0.0", port=8100))
+    assert anywhere.endswith(":8100") and "0.0.0.0" not in anywhere
+    assert registry_given(["registry"], "--teacher-url")
+    assert not registry_given(["http://a:1"], "--teacher-url")
+    with pytest.raises(typer.BadParameter, match="give it alone"):
+        registry_given(["registry", "http://a:1"], "--teacher-url")
