@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -14,6 +15,7 @@ import typer
 if TYPE_CHECKING:
     from services.common.protocol import ServerInfo
     from services.config.run import RunConfig
+    from services.config.teachers import TeacherPoolConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,9 @@ def command(
         "--teacher-url",
         help="Teacher URL, or NAME=URL for teacher pool NAME (repeatable; default: env "
         "TEACHER_URLS, separated by commas; else the config's teacher_urls): http://host:8100 "
-        "for rlad serve-teacher, openai+http://host:8000/v1 for vllm serve.",
+        "for rlad serve-teacher, openai+http://host:8000/v1 for vllm serve; or `registry`: "
+        "follow the teachers registered in the run's Redis (`rlad serve-teacher --register`), "
+        "each pool its own (`--pool`).",
     ),
     rollout_url: str | None = typer.Option(
         None, "--rollout-url", help="A rollout server, to check tokenizer compatibility."
@@ -60,14 +64,15 @@ def command(
     ),
 ) -> None:
     """Score groups with the teacher (or pass them through for plain GRPO)."""
-    from services.cli.options import async_redis_client, load_run
+    from services.cli.options import async_redis_client, load_run, registry_given
     from services.clients.discovery import expand_teacher_urls
     from services.clients.rollout import RolloutClient
-    from services.clients.teacher_pools import TeacherPools, with_urls
+    from services.clients.teacher_pools import TeacherPools
     from services.common.http_server import api_key
     from services.common.runtime import StopFlag, configure_logging
     from services.config.workers import parse_teacher_url
     from services.queue.queues import AsyncQueue
+    from services.queue.registry import AsyncServerRegistry, following
     from services.workers.scorer import Scorer, Stopped, until_stopped
 
     configure_logging("scorer")
@@ -75,13 +80,17 @@ def command(
     stop = StopFlag()
     passthrough = run.scorer.mode == "passthrough"
     env_urls = [u for u in os.environ.get("TEACHER_URLS", "").split(",") if u]
+    given = teacher_url or env_urls
+    registry = not passthrough and registry_given(given, "--teacher-url")
     try:
-        pools = [] if passthrough else with_urls(run.teacher_urls, teacher_url or env_urls)
+        pools = [] if passthrough else _pools(run, [] if registry else given, registry)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--teacher-url / TEACHER_URLS") from None
     pools = [pool.model_copy(update={"urls": expand_teacher_urls(pool.urls)}) for pool in pools]
     if not passthrough and not pools:
-        raise typer.BadParameter("no teacher: pass --teacher-url or set TEACHER_URLS")
+        raise typer.BadParameter(
+            "no teacher: pass --teacher-url (or `registry`) or set TEACHER_URLS"
+        )
     for url in (url for pool in pools for url in pool.urls):
         try:
             parse_teacher_url(url)
@@ -94,9 +103,21 @@ def command(
             if passthrough:
                 await Scorer(run.scorer, queue, None, consumer).run(stop)
                 return
-            async with TeacherPools.connect(
-                pools, api_key=api_key(), deadline_s=run.scorer.deadline_s
-            ) as teachers:
+            async with contextlib.AsyncExitStack() as stack:
+                teachers = await stack.enter_async_context(
+                    TeacherPools.connect(
+                        pools,
+                        api_key=api_key(),
+                        deadline_s=run.scorer.deadline_s,
+                        follows_registry=registry,
+                    )
+                )
+                if registry:
+                    servers = AsyncServerRegistry(redis_client, run.name, run.queue.redis_outage_s)
+                    for each in teachers.pools:
+                        await stack.enter_async_context(
+                            following(servers, "teacher", each.client.set_urls, pool=each.name)
+                        )
                 if rollout_url:
                     async with RolloutClient([rollout_url], api_key=api_key()) as rollout:
                         try:  # waits for the teachers until their deadline, or a stop
@@ -110,3 +131,18 @@ def command(
                 await Scorer(run.scorer, queue, teachers, consumer).run(stop)
 
     asyncio.run(main())
+
+
+def _pools(run: RunConfig, given: list[str], registry: bool) -> list[TeacherPoolConfig]:
+    """The teacher pools to score with: the config's, with the URLs given (`with_urls`);
+    following the registry, the same pools (or the one `default`) with no URL yet: each
+    takes the servers registered under its name."""
+    from services.clients.teacher_pools import with_urls
+    from services.config.teachers import DEFAULT_POOL, TeacherPoolConfig
+
+    if not registry:
+        return with_urls(run.teacher_urls, given)
+    pools = run.teacher_urls or [
+        TeacherPoolConfig.model_construct(name=DEFAULT_POOL, urls=[], tasks=[])
+    ]
+    return [pool.model_copy(update={"urls": []}) for pool in pools]

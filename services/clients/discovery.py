@@ -9,7 +9,8 @@ Only plain `http://` names that resolve to several IPv4 addresses are expanded: 
 `https://` URL keeps its name (the certificate is checked against it), and a name that
 does not resolve, or resolves to one address, is left as it is (a replica that is not up
 yet is then found by the client's own retries once it is). Resolution happens once, at
-start: after rescaling a running stack, restart the scorer.
+start: after rescaling a running stack, restart the scorer, or let the teachers register
+and the scorer follow the registry (`--teacher-url registry`, services/queue/registry.py).
 """
 
 from __future__ import annotations

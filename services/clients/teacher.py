@@ -90,16 +90,18 @@ class TeacherClient:
         max_backoff_s: float = 2.0,
         health_interval_s: float = 2.0,
         binary: bool = True,
+        follows_registry: bool = False,
     ) -> None:
         """`urls` name each replica's API (`services.config.workers.parse_teacher_url`);
         `api_key` defaults to `RLAD_API_KEY`; `deadline_s` bounds every call, retries
         included; a replica's breaker opens for `breaker_open_s` after `breaker_failures`
-        consecutive failures (or one failed health check)."""
-        endpoints = [parse_teacher_url(url) for url in urls]
-        self.pool = ReplicaSet([root for _, root in endpoints], breaker_failures, breaker_open_s)
-        apis: dict[str, TeacherApi] = {"rlad": RladApi(binary), "openai": OpenAiApi()}
-        self.apis = {root: apis[kind] for kind, root in endpoints}  # by replica URL
-        self.replicas = self.pool.replicas
+        consecutive failures (or one failed health check). `follows_registry`: `urls` may
+        be empty, `set_urls` fills them."""
+        if not urls and not follows_registry:
+            raise ValueError("TeacherClient needs at least one teacher URL")
+        self._apis_by_kind: dict[str, TeacherApi] = {"rlad": RladApi(binary), "openai": OpenAiApi()}
+        self.apis: dict[str, TeacherApi] = {}  # by replica URL
+        self.pool = ReplicaSet(self._roots(urls), breaker_failures, breaker_open_s)
         self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
         self.deadline_s = deadline_s
         self.request_timeout_s = request_timeout_s
@@ -156,6 +158,30 @@ class TeacherClient:
         """What any healthy replica publishes: an rlad teacher's `GET /v1/info`, or what
         a `vllm serve` shows (`services.clients.openai_teacher.server_info`)."""
         return await self._request(lambda api: api.info(), time.monotonic() + self.deadline_s)
+
+    @property
+    def replicas(self) -> list[Replica]:
+        return self.pool.replicas
+
+    def set_urls(self, urls: list[str]) -> None:
+        """Change the replicas at run time (a registry's servers): new ones get requests at
+        once, removed ones none after the requests they are answering (see `ReplicaSet`)."""
+        added, removed = self.pool.set_urls(self._roots(urls))
+        if added or removed:
+            log.info(
+                "teacher replicas now %s (added %s, removed %s)",
+                [r.url for r in self.replicas] or "none",
+                added or "none",
+                removed or "none",
+            )
+
+    def _roots(self, urls: list[str]) -> list[str]:
+        """Each replica's root URL, noting the API its URL names (`parse_teacher_url`)."""
+        roots = []
+        for kind, root in map(parse_teacher_url, urls):
+            self.apis[root] = self._apis_by_kind[kind]
+            roots.append(root)
+        return roots
 
     def reachable(self) -> bool:
         """Whether some replica may answer now, as the health checks and the last calls

@@ -107,6 +107,15 @@ class GroupQueue:
     def count_staleness(self, versions_behind: int) -> None:
         self._runner.run(state.count_staleness(self.keys, versions_behind))
 
+    def claim_prompts(self, count: int) -> int:
+        return self._runner.run(state.claim_prompts(self.keys, count))
+
+    def prompt_low_water(self, trained: Collection[str] = ()) -> int:
+        return self._runner.run(state.prompt_low_water(self.keys, trained))
+
+    def restore_prompt_cursor(self, position: int) -> int:
+        return self._runner.run(state.restore_prompt_cursor(self.keys, position))
+
 
 class AsyncQueue:
     """What the async workers use, as coroutines. Create with `await AsyncQueue.open(...)`,
@@ -178,6 +187,9 @@ class AsyncQueue:
 
     async def trainer_version(self) -> int:
         return await self._runner.run(state.trainer_version(self.keys))
+
+    async def claim_prompts(self, count: int) -> int:
+        return await self._runner.run(state.claim_prompts(self.keys, count))
 
 
 class QueueReader:

@@ -265,7 +265,8 @@ def test_server_options_are_generated_from_the_settings_model(
     name: str, model: type[BaseModel]
 ) -> None:
     params = command_params(name)
-    assert set(params) == {"config", *model.model_fields}
+    registration = {"register", "run", "advertise_url", "pool"}  # where it announces itself
+    assert set(params) == {"config", *registration, *model.model_fields}
     for field_name, field in model.model_fields.items():
         param = params[field_name]
         assert param.opts == [flag(field_name)]
