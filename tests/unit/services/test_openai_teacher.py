@@ -134,6 +134,7 @@ class FakeVllm:
 
     def __init__(self) -> None:
         self.mode = "vllm"
+        self.health_checks = 0
         self.app = FastAPI()
         self.app.post("/v1/completions")(self.completions)
         self.app.get("/v1/models")(self.models)
@@ -142,6 +143,7 @@ class FakeVllm:
 
     def health(self) -> Response:
         # vLLM's /health sits beside /v1, not under it; 503 once its engine has died
+        self.health_checks += 1
         return Response(status_code=503 if self.mode == "engine dead" else 200)
 
     def completions(self) -> Response:
@@ -208,15 +210,21 @@ def test_the_client_scores_and_describes_an_openai_server(
 def test_health_checks_read_vllms_health_route(fake_vllm: tuple[FakeVllm, str]) -> None:
     fake, url = fake_vllm
 
-    async def reachable_after_a_check() -> bool:
+    async def health_checks_find(expected: bool) -> bool:
+        """Whether the client says `expected` once vLLM's /health has answered it twice
+        (within 10 s: a loaded machine may delay the first checks)."""
         async with TeacherClient([url], health_interval_s=0.05) as client:
-            await asyncio.sleep(0.3)
-            return client.reachable()
+            checked = fake.health_checks
+            for _ in range(100):
+                await asyncio.sleep(0.1)
+                if fake.health_checks >= checked + 2:
+                    break
+            return client.reachable() == expected
 
     fake.mode = "vllm"
-    assert asyncio.run(reachable_after_a_check())
+    assert asyncio.run(health_checks_find(True))
     fake.mode = "engine dead"
-    assert not asyncio.run(reachable_after_a_check())
+    assert asyncio.run(health_checks_find(False))
 
 
 def test_a_200_that_is_not_a_completions_answer_says_what_to_fix(
