@@ -138,6 +138,7 @@ def create_app(config: RolloutServerConfig, engine: RolloutEngine | None = None)
         registry=registry,
         lifespan=lifespan,
         is_ready=lambda: state.engine is not None,
+        info=lambda: ready().info(),
     )
 
     def ready() -> RolloutEngine:

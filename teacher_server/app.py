@@ -126,6 +126,7 @@ def create_app(config: TeacherServerConfig, engine: TeacherEngine | None = None)
         registry=metrics.registry,
         lifespan=lifespan,
         is_ready=lambda: state.engine is not None,
+        info=lambda: ready()[0].info(),
     )
 
     @app.middleware("http")

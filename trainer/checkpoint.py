@@ -5,6 +5,16 @@ trainer's progress: step, policy version, and the ids of the groups whose update
 contains. Groups are acknowledged on the queue only after the checkpoint that contains
 them is on disk; on `--resume`, pending groups listed in the checkpoint are acknowledged
 without training again, and the others are trained again (their update was lost).
+
+A checkpoint also holds where the prompt stream stands (`prompt_cursor`), so that a resume
+continues it rather than starting the seeded prompt order again. At least once: it is the
+lowest position of any group still in the queue, and not in this checkpoint, when the
+checkpoint was saved (`prompt_low_water`), and a resume raises the run's cursor to it,
+never lowers it. With the Redis kept, the cursor there is already past it and the queued
+groups are still there: nothing is generated twice. With a new Redis, the queued groups
+are gone and their prompts are generated again (with any above the lowest one that were
+trained already). Prompts a rollout worker had taken but not yet published when it died
+are not generated again (at most `prompts_per_request` per worker lost).
 """
 
 from __future__ import annotations
@@ -28,6 +38,11 @@ class Progress(BaseModel):
         "trains, every rank's in a saved checkpoint.",
     )
     tag: str = ""
+    prompt_cursor: int = Field(
+        default=0,
+        description="Where a resume continues the prompt stream: the lowest position of a "
+        "group still in the queue at the save (see the module docstring).",
+    )
 
 
 def save(engine: Any, folder: Path, progress: Progress, keep: int, is_main: bool) -> None:

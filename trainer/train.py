@@ -30,6 +30,7 @@ from services.config.algorithm import KdrlConfig
 from services.config.run import RunConfig
 from services.queue.keys import SCORED
 from services.queue.queues import GroupQueue
+from services.queue.registry import ServerRegistry
 from services.queue.streams import Delivery
 from services.weights.probe import make_probe
 from trainer import checkpoint
@@ -64,7 +65,10 @@ class Trainer:
         rollout_urls: list[str],
         api_key: str | None = None,
         should_stop: Callable[[], bool] = lambda: False,
+        registry: ServerRegistry | None = None,
     ) -> None:
+        """`rollout_urls`: the servers to push weights to; or, with a `registry`, the
+        rollout servers registered there (`--rollout-url registry`)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.run = run
@@ -105,7 +109,7 @@ class Trainer:
         self.folder = run.folder
         self.ckpt_dir = self.folder / "checkpoints"
         self.sink = MetricsSink(self.folder, self.config.tensorboard, self.config.wandb_project)
-        self.sync = WeightSync(self.engine, run, rollout_urls, api_key, self.is_main)
+        self.sync = WeightSync(self.engine, run, rollout_urls, api_key, self.is_main, registry)
         self.progress = checkpoint.Progress()
         self.retrain: list[Delivery] = []
         # The version of the weights the retrained groups' lost update started from.
@@ -118,6 +122,9 @@ class Trainer:
         restored = checkpoint.load(self.engine, self.ckpt_dir)
         if restored is not None:
             self.progress = restored
+            if self.is_main:
+                cursor = self.queue.restore_prompt_cursor(restored.prompt_cursor)
+                log.info("the prompt stream continues at position %d", cursor)
         pending = self.queue.pending_for(SCORED, self.consumer)
         contained = set(self.progress.consumed)
         done = [m for m in pending if m in contained]
@@ -380,7 +387,8 @@ class Trainer:
             gathered: list[list[str] | None] = [None] * self.world
             dist.all_gather_object(gathered, self.progress.consumed)
             everyone = [message for ids in gathered for message in ids or []]
-        saved = self.progress.model_copy(update={"consumed": everyone})
+        prompts = self.queue.prompt_low_water(set(everyone)) if self.is_main else 0
+        saved = self.progress.model_copy(update={"consumed": everyone, "prompt_cursor": prompts})
         checkpoint.save(
             self.engine, self.ckpt_dir, saved, self.config.keep_checkpoints, self.is_main
         )

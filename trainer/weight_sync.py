@@ -40,6 +40,7 @@ import torch.distributed as dist
 from services.clients.rollout import RolloutClient, RolloutServerError
 from services.common.protocol import WeightProbe, WeightUpdateResponse
 from services.config.run import RunConfig
+from services.queue.registry import ServerRegistry, serving_urls
 from services.weights.nccl_client import NcclSyncClient
 from trainer.deepspeed_setup import full_state_dict
 from trainer.device_push import CudaIpcSender, VllmNcclSender
@@ -78,13 +79,17 @@ class WeightSync:
         urls: list[str],
         api_key: str | None,
         is_main: bool,
+        registry: ServerRegistry | None = None,
     ) -> None:
+        """`urls`: the rollout servers; or, with a `registry`, the servers registered
+        there at each push and each check of who is behind (rank 0 reads it)."""
         self.engine = engine
         self.config = run.trainer
         # The file transport writes where the rollout servers may read (their weights_dir;
         # a run config defaults it to <run folder>/weights).
         self.weights_dir = run.rollout_server.weights_dir or run.folder / "weights"
         self.urls = urls
+        self.registry = registry
         self.api_key = api_key
         self.is_main = is_main
         # vLLM's NCCL group holds the trainer and each of the server's tensor-parallel workers.
@@ -92,8 +97,13 @@ class WeightSync:
         self.buckets = plan(engine.module, self.config.push_bucket_mb * MiB)
         self.loop = asyncio.new_event_loop()
         self.rollout = (
-            RolloutClient(urls, api_key=api_key, deadline_s=self.config.push_timeout_s)
-            if urls
+            RolloutClient(
+                urls,
+                api_key=api_key,
+                deadline_s=self.config.push_timeout_s,
+                follows_registry=registry is not None,
+            )
+            if self.enabled
             else None
         )
         self.transport: Transport | None = None  # rank 0's choice
@@ -111,11 +121,21 @@ class WeightSync:
     @property
     def enabled(self) -> bool:
         """Whether there are servers to push to (the same on every rank)."""
-        return bool(self.urls)
+        return bool(self.urls) or self.registry is not None
+
+    def _follow_registry(self) -> None:
+        """Rank 0 with a registry: the servers to push to are the ones registered now and
+        not draining (one that joins later is caught up by `behind` / `catch_up`)."""
+        if self.registry is None or not self.is_main:
+            return
+        assert self.rollout is not None
+        self.urls = serving_urls(self.registry.servers("rollout"))
+        self.rollout.set_urls(self.urls)
 
     def served_version(self) -> int:
         """The newest version any server serves (rank 0): the next push must be above it."""
         assert self.rollout is not None
+        self._follow_registry()
         infos = [self.loop.run_until_complete(self.rollout.info(url)) for url in self.urls]
         return max(info.policy_version or 0 for info in infos)
 
@@ -140,6 +160,14 @@ class WeightSync:
         requested = self.config.push_transport
         if requested in ("http", "file"):
             return requested
+        if self.registry is not None:
+            # A device channel is opened once, to a fixed set of servers.
+            if requested == "auto":
+                return "http"
+            raise ValueError(
+                f"trainer.push_transport {requested} needs fixed --rollout-url servers, not "
+                "the registry: use http or file with a registry"
+            )
         if self.engine.device.type != "cuda":
             if requested == "auto":
                 return "http"
@@ -192,6 +220,7 @@ class WeightSync:
 
     def push(self, version: int, probe: WeightProbe | None) -> PushReport | None:
         """Send the weights as `version` (collective); rank 0 returns what it did."""
+        self._follow_registry()
         if not self.connected:
             self._connect()
         started = time.perf_counter()
@@ -201,11 +230,13 @@ class WeightSync:
                 self._join_gathers()
             return None
         responses = self._send(version, probe)
+        if not responses:
+            log.warning("no rollout server registered: version %d reaches them later", version)
         self.pushed = (version, probe)
         return PushReport(
             seconds=time.perf_counter() - started,
-            bytes=responses[0].bytes,
-            probe_max_abs_diff=responses[0].probe_max_abs_diff,
+            bytes=responses[0].bytes if responses else 0,
+            probe_max_abs_diff=responses[0].probe_max_abs_diff if responses else None,
         )
 
     def _join_gathers(self) -> None:
@@ -224,7 +255,9 @@ class WeightSync:
         if isinstance(self.sender, VllmNcclSender):
             return self.sender.send(version, probe)
         assert self.rollout is not None and self.transport in ("http", "file")
-        state = full_state_dict(self.engine, self.config.zero_stage)
+        state = full_state_dict(self.engine, self.config.zero_stage)  # collective at ZeRO-3
+        if not self.urls:  # a registry with no server yet
+            return []
         response = self.loop.run_until_complete(
             self.rollout.push_weights(
                 state,
@@ -245,6 +278,7 @@ class WeightSync:
         if self.rollout is None or self.pushed is None or now - self.asked_at < CATCH_UP_INTERVAL_S:
             return []
         self.asked_at = now
+        self._follow_registry()
         served = self.loop.run_until_complete(self.rollout.served_versions(VERSION_TIMEOUT_S))
         version = self.pushed[0]
         return [url for url, v in served.items() if v is not None and v < version]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import functools
 import inspect
+import socket
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -26,8 +27,10 @@ from pydantic.fields import FieldInfo
 
 from services.config.base import ConfigError
 from services.config.run import RunConfig, load_run_config
-from services.queue.connection import NoSuchRun, pick_run
+from services.config.servers import LOOPBACK_HOSTS, ServerConfig
+from services.queue.connection import NoSuchRun, connect_async, pick_run
 from services.queue.queues import QueueReader
+from services.queue.registry import DEFAULT_POOL, REGISTRY, AsyncServerRegistry, Registration
 
 M = TypeVar("M", bound=BaseModel)
 SETTINGS = "settings"  # the parameter that receives the generated options' values
@@ -43,6 +46,68 @@ def open_run_reader(client: redis.Redis, run: str | None) -> QueueReader:
         raise typer.BadParameter(str(exc), param_hint="--run") from None
     except redis.RedisError as exc:
         raise typer.BadParameter(f"cannot read Redis: {exc}", param_hint="--redis-url") from None
+
+
+# The registration options of `rlad serve-teacher` and `rlad serve-rollout`.
+REGISTER = typer.Option(
+    None,
+    "--register",
+    envvar="RLAD_REGISTER",
+    help="Redis URL of the run: announce this server there (heartbeat every 2 s) so that "
+    "clients started with `--teacher-url registry` / `--rollout-url registry` find it.",
+)
+REGISTER_RUN = typer.Option(
+    None,
+    "--run",
+    envvar="RLAD_RUN",
+    help="Run name the registration belongs to (default: the --config run's, else `run`).",
+)
+ADVERTISE_URL = typer.Option(
+    None,
+    "--advertise-url",
+    help="URL clients reach this server at (default: http://<this host's address>:<port>).",
+)
+POOL = typer.Option(DEFAULT_POOL, "--pool", help="Pool of servers this one belongs to.")
+
+
+def registry_given(urls: list[str], option: str) -> bool:
+    """Whether the server URLs given say `registry` (follow the run's registry)."""
+    if REGISTRY not in urls:
+        return False
+    if len(urls) > 1:
+        message = f"`{REGISTRY}` replaces the URLs: give it alone"
+        raise typer.BadParameter(message, param_hint=option)
+    return True
+
+
+def advertised_url(server: ServerConfig) -> str:
+    """Where other hosts reach `server`: its bound address, or this host's address when it
+    is bound to every interface."""
+    host = server.host
+    if host in ("0.0.0.0", "", "::"):
+        host = socket.gethostbyname(socket.gethostname())
+    elif host in LOOPBACK_HOSTS:
+        host = "127.0.0.1"
+    return f"http://{host}:{server.port}"
+
+
+def registration(
+    register: str | None,
+    run: str | None,
+    advertise_url: str | None,
+    pool: str,
+    server: ServerConfig,
+) -> Registration | None:
+    """The registration the `--register` options ask for, or None without `--register`."""
+    if register is None:
+        return None
+    if advertise_url is None and server.port == 0:
+        raise typer.BadParameter("--port 0 needs --advertise-url", param_hint="--register")
+    try:
+        registry = AsyncServerRegistry(connect_async(register), run or "run")
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--run / --register") from None
+    return Registration(registry, advertise_url or advertised_url(server), pool)
 
 
 def load_run(path: Path, overrides: dict[str, object] | None = None) -> RunConfig:

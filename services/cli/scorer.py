@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -44,7 +45,10 @@ def check_teacher(student: ServerInfo, teacher: ServerInfo, run: RunConfig) -> N
 def command(
     config: Path = typer.Option(..., "--config", exists=True, help="Experiment YAML."),
     teacher_url: list[str] = typer.Option(
-        [], "--teacher-url", help="Teacher server URL (repeatable; default: env TEACHER_URLS)."
+        [],
+        "--teacher-url",
+        help="Teacher server URL (repeatable; default: env TEACHER_URLS), or `registry`: "
+        "follow the teachers registered in the run's Redis (`rlad serve-teacher --register`).",
     ),
     rollout_url: str | None = typer.Option(
         None, "--rollout-url", help="A rollout server, to check tokenizer compatibility."
@@ -55,7 +59,7 @@ def command(
     ),
 ) -> None:
     """Score groups with the teacher (or pass them through for plain GRPO)."""
-    from services.cli.options import load_run
+    from services.cli.options import load_run, registry_given
     from services.clients.discovery import expand_teacher_urls
     from services.clients.rollout import RolloutClient
     from services.clients.teacher import TeacherClient
@@ -63,6 +67,7 @@ def command(
     from services.common.runtime import StopFlag, configure_logging
     from services.queue.connection import connect_async
     from services.queue.queues import AsyncQueue
+    from services.queue.registry import AsyncServerRegistry, following
     from services.workers.scorer import Scorer, Stopped, until_stopped
 
     configure_logging("scorer")
@@ -70,9 +75,13 @@ def command(
     stop = StopFlag()
     passthrough = run.scorer.mode == "passthrough"
     env_urls = [u for u in os.environ.get("TEACHER_URLS", "").split(",") if u]
-    urls = [] if passthrough else expand_teacher_urls(teacher_url or env_urls or run.teacher_urls)
-    if not passthrough and not urls:
-        raise typer.BadParameter("no teacher: pass --teacher-url or set TEACHER_URLS")
+    given = teacher_url or env_urls or run.teacher_urls
+    registry = registry_given(given, "--teacher-url")
+    urls = [] if passthrough or registry else expand_teacher_urls(given)
+    if not passthrough and not urls and not registry:
+        raise typer.BadParameter(
+            "no teacher: pass --teacher-url (or `registry`) or set TEACHER_URLS"
+        )
 
     async def main() -> None:
         async with connect_async(redis_url) as redis_client:
@@ -80,9 +89,18 @@ def command(
             if passthrough:
                 await Scorer(run.scorer, queue, None, consumer).run(stop)
                 return
-            async with TeacherClient(
-                urls, api_key=api_key(), deadline_s=run.scorer.deadline_s
-            ) as client:
+            async with contextlib.AsyncExitStack() as stack:
+                client = await stack.enter_async_context(
+                    TeacherClient(
+                        urls,
+                        api_key=api_key(),
+                        deadline_s=run.scorer.deadline_s,
+                        follows_registry=registry,
+                    )
+                )
+                if registry:
+                    servers = AsyncServerRegistry(redis_client, run.name, run.queue.redis_outage_s)
+                    await stack.enter_async_context(following(servers, "teacher", client.set_urls))
                 if rollout_url:
                     async with RolloutClient([rollout_url], api_key=api_key()) as rollout:
                         try:  # waits for a teacher until its deadline, or a stop

@@ -2,6 +2,8 @@
 
     rlad serve-rollout --model path/to/student --backend vllm --port 8200
     rlad serve-rollout --config run.yaml --port 8200    # the run's rollout_server block
+    rlad serve-rollout --config run.yaml --host 0.0.0.0 --register redis://redis-host:6379
+        # ... announced in the run's registry (services/queue/registry.py)
 
 One option per field of `RolloutServerConfig`. Options left out come from the run
 config's `rollout_server` block (with `--config`), then from `RLAD_ROLLOUT_*` environment
@@ -16,7 +18,16 @@ from typing import Any
 
 import typer
 
-from services.cli.options import build_model, load_run, model_options
+from services.cli.options import (
+    ADVERTISE_URL,
+    POOL,
+    REGISTER,
+    REGISTER_RUN,
+    build_model,
+    load_run,
+    model_options,
+    registration,
+)
 from services.config.servers import RolloutServerConfig
 
 
@@ -29,6 +40,10 @@ def command(
         dir_okay=False,
         help="Run YAML: serve its rollout_server block (the model is its student).",
     ),
+    register: str | None = REGISTER,
+    run: str | None = REGISTER_RUN,
+    advertise_url: str | None = ADVERTISE_URL,
+    pool: str = POOL,
     *,
     settings: dict[str, Any],
 ) -> None:
@@ -37,8 +52,12 @@ def command(
     from services.common.http_transport import serve
     from services.common.runtime import configure_logging
 
-    block = load_run(config).rollout_server if config is not None else None
+    block = None
+    if config is not None:
+        loaded = load_run(config)
+        block, run = loaded.rollout_server, run or loaded.name
     server = build_model(RolloutServerConfig, settings, block)
+    announcer = registration(register, run, advertise_url, pool, server)
     configure_logging("rollout")
     logging.getLogger(__name__).info("config: %s", server.model_dump_json())
-    serve(create_app(server), server)
+    serve(create_app(server), server, announcer)

@@ -2,6 +2,8 @@
 
     rlad serve-teacher --model path/to/teacher --backend vllm --port 8100
     rlad serve-teacher --config run.yaml --port 8100    # the run's teacher_server block
+    rlad serve-teacher --config run.yaml --host 0.0.0.0 --register redis://redis-host:6379
+        # ... announced in the run's registry (services/queue/registry.py)
 
 One option per field of `TeacherServerConfig` (each documented there). Options left out
 come from the run config's `teacher_server` block (with `--config`), then from
@@ -16,7 +18,16 @@ from typing import Any
 
 import typer
 
-from services.cli.options import build_model, load_run, model_options
+from services.cli.options import (
+    ADVERTISE_URL,
+    POOL,
+    REGISTER,
+    REGISTER_RUN,
+    build_model,
+    load_run,
+    model_options,
+    registration,
+)
 from services.config.servers import TeacherServerConfig
 
 
@@ -29,6 +40,10 @@ def command(
         dir_okay=False,
         help="Run YAML: serve its teacher_server block (the model is its teacher).",
     ),
+    register: str | None = REGISTER,
+    run: str | None = REGISTER_RUN,
+    advertise_url: str | None = ADVERTISE_URL,
+    pool: str = POOL,
     *,
     settings: dict[str, Any],
 ) -> None:
@@ -39,10 +54,12 @@ def command(
 
     block = None
     if config is not None:
-        block = load_run(config).teacher_server
+        loaded = load_run(config)
+        block, run = loaded.teacher_server, run or loaded.name
         if block is None:
             raise typer.BadParameter(f"{config} names no `teacher`", param_hint="--config")
     server = build_model(TeacherServerConfig, settings, block)
+    announcer = registration(register, run, advertise_url, pool, server)
     configure_logging("teacher")
     logging.getLogger(__name__).info("config: %s", server.model_dump_json())
-    serve(create_app(server), server)
+    serve(create_app(server), server, announcer)

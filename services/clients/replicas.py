@@ -34,11 +34,20 @@ class Replica:
 
 class ReplicaSet:
     def __init__(self, urls: Sequence[str], breaker_failures: int, breaker_open_s: float) -> None:
-        if not urls:
-            raise ValueError("TeacherClient needs at least one teacher URL")
         self.replicas = [Replica(url.rstrip("/")) for url in urls]
         self.breaker_failures = breaker_failures
         self.breaker_open_s = breaker_open_s
+
+    def set_urls(self, urls: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Serve `urls` from now on: a replica kept keeps its load and breaker, a new one
+        starts fresh, a removed one is picked no more (requests it is answering go on, on
+        their own reference to it). Returns the URLs added and removed."""
+        wanted = list(dict.fromkeys(url.rstrip("/") for url in urls))
+        known = {replica.url: replica for replica in self.replicas}
+        added = [url for url in wanted if url not in known]
+        removed = [url for url in known if url not in wanted]
+        self.replicas = [known.get(url) or Replica(url) for url in wanted]
+        return added, removed
 
     def pick(self, tried: set[str]) -> Replica | None:
         """Least outstanding requests among closed breakers, preferring untried replicas."""
@@ -62,7 +71,8 @@ class ReplicaSet:
         return any(r.available(now) and not r.down_by_health for r in self.replicas)
 
     def next_opening(self) -> float:
-        return min(r.open_until for r in self.replicas)
+        """When the first breaker half-opens; with no replica, shortly (one may be added)."""
+        return min((r.open_until for r in self.replicas), default=time.monotonic() + 0.2)
 
     def succeeded(self, replica: Replica) -> None:
         replica.failures = 0
@@ -90,6 +100,8 @@ class ReplicaSet:
             replica.open_until = time.monotonic() + max(self.breaker_open_s, hold_s)
 
     def describe(self) -> str:
+        if not self.replicas:
+            return "no teacher replica known (none registered?)"
         return "; ".join(f"{r.url}: {r.last_failure}" for r in self.replicas)
 
 

@@ -83,9 +83,13 @@ class RolloutClient:
         timeout_s: float = 600.0,
         deadline_s: float = 120.0,
         backoff_s: float = 0.25,
+        follows_registry: bool = False,
     ) -> None:
-        self.urls = [u.rstrip("/") for u in ([urls] if isinstance(urls, str) else urls)]
-        if not self.urls:
+        """`follows_registry`: `urls` may be empty, `set_urls` fills them (calls wait up to
+        `deadline_s` for a server)."""
+        self.urls: list[str] = []
+        self.set_urls([urls] if isinstance(urls, str) else urls)
+        if not self.urls and not follows_registry:
             raise ValueError("RolloutClient needs at least one server URL")
         self.deadline_s = deadline_s
         self.backoff_s = backoff_s
@@ -93,7 +97,7 @@ class RolloutClient:
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s, connect=10.0), headers=headers
         )
-        self._turn = itertools.cycle(range(len(self.urls)))
+        self._turn = itertools.count()
 
     async def __aenter__(self) -> RolloutClient:
         return self
@@ -158,10 +162,31 @@ class RolloutClient:
                 f"{method} {path} failed until the deadline: {exc.reason}",
             ) from exc
 
+    def set_urls(self, urls: Sequence[str]) -> None:
+        """Send to `urls` from now on (a registry's servers); requests under way finish
+        where they are."""
+        wanted = list(dict.fromkeys(url.rstrip("/") for url in urls))
+        if wanted != self.urls and self.urls:
+            log.info("rollout servers now %s", wanted or "none")
+        self.urls = wanted
+
+    async def _servers(self) -> list[str]:
+        """The servers now, waiting up to the deadline while there is none (a registry
+        whose servers have not registered yet)."""
+        deadline = time.monotonic() + self.deadline_s
+        while not self.urls:
+            if time.monotonic() >= deadline:
+                raise RolloutServerError(
+                    "registry", 503, "unavailable", "no rollout server registered in time"
+                )
+            await asyncio.sleep(0.2)
+        return self.urls
+
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
         """Sample on the next server in turn (failing over to the others)."""
-        start = next(self._turn)
-        order = self.urls[start:] + self.urls[:start]
+        urls = await self._servers()
+        start = next(self._turn) % len(urls)
+        order = urls[start:] + urls[:start]
         body = wire.encode(request)
         response = await self._send(
             "POST",
@@ -174,7 +199,7 @@ class RolloutClient:
 
     async def info(self, url: str | None = None) -> ServerInfo:
         """`GET /v1/info` of `url` (default: the first server)."""
-        response = await self._send("GET", "/v1/info", urls=[url or self.urls[0]])
+        response = await self._send("GET", "/v1/info", urls=[url or (await self._servers())[0]])
         return _parse(response, ServerInfo)
 
     async def served_versions(self, timeout_s: float) -> dict[str, int | None]:

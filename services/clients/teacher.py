@@ -98,12 +98,15 @@ class TeacherClient:
         max_backoff_s: float = 2.0,
         health_interval_s: float = 2.0,
         binary: bool = True,
+        follows_registry: bool = False,
     ) -> None:
         """`api_key` defaults to `RLAD_API_KEY`; `deadline_s` bounds every call, retries
         included; a replica's breaker opens for `breaker_open_s` after `breaker_failures`
-        consecutive failures (or one failed health check)."""
+        consecutive failures (or one failed health check). `follows_registry`: `urls` may
+        be empty, `set_urls` fills them."""
+        if not urls and not follows_registry:
+            raise ValueError("TeacherClient needs at least one teacher URL")
         self.pool = ReplicaSet(urls, breaker_failures, breaker_open_s)
-        self.replicas = self.pool.replicas
         self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
         self.deadline_s = deadline_s
         self.request_timeout_s = request_timeout_s
@@ -159,6 +162,22 @@ class TeacherClient:
         return await self._request(
             "GET", "/v1/info", None, ServerInfo, time.monotonic() + self.deadline_s
         )
+
+    @property
+    def replicas(self) -> list[Replica]:
+        return self.pool.replicas
+
+    def set_urls(self, urls: list[str]) -> None:
+        """Change the replicas at run time (a registry's servers): new ones get requests at
+        once, removed ones none after the requests they are answering (see `ReplicaSet`)."""
+        added, removed = self.pool.set_urls(urls)
+        if added or removed:
+            log.info(
+                "teacher replicas now %s (added %s, removed %s)",
+                [r.url for r in self.replicas] or "none",
+                added or "none",
+                removed or "none",
+            )
 
     def reachable(self) -> bool:
         """Whether some replica may answer now, as the health checks and the last calls

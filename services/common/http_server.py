@@ -29,12 +29,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from services.common import wire
-from services.common.protocol import ErrorBody, ErrorResponse
+from services.common.protocol import ErrorBody, ErrorResponse, ServerInfo
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 
 API_KEY_ENV = "RLAD_API_KEY"
+PROBES = ("/health", "/metrics")  # open to all, and not counted as requests in flight
 # No client hears this answer (nginx's "client closed request"); it keeps metrics honest.
 CLIENT_CLOSED = 499
 # Frames of an unhandled error's traceback that are logged: enough to find the fault,
@@ -276,24 +277,42 @@ def create_base_app(
     registry: CollectorRegistry,
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]],
     is_ready: Callable[[], bool],
+    info: Callable[[], ServerInfo] | None = None,
 ) -> FastAPI:
-    """A FastAPI app with the shared error handlers, auth middleware, `/health`, `/metrics`."""
+    """A FastAPI app with the shared error handlers, auth middleware, `/health`, `/metrics`.
+
+    `app.state` carries what serving the app needs (services.common.http_transport):
+    `is_ready`, `info` (the server's `ServerInfo`, for its registration), `draining` (set
+    when it stops: `/health` then answers 503 so that clients take it out) and `in_flight`
+    (requests being answered, probes aside)."""
     app = FastAPI(title=title, description=description, lifespan=lifespan)
+    app.state.is_ready = is_ready
+    app.state.info = info
+    app.state.draining = False
+    app.state.in_flight = 0
     install_error_handlers(app)
 
     @app.middleware("http")
     async def _auth(request: Request, call_next: Callable[[Request], Any]) -> Response:
         # /health and /metrics stay open so orchestrators and Prometheus can probe them.
-        if request.url.path not in ("/health", "/metrics"):
-            try:
-                check_auth(request, required=False)
-            except ApiError as exc:
-                return error_response(exc.status, exc.type, exc.message)
-        response: Response = await call_next(request)
+        if request.url.path in PROBES:
+            probe: Response = await call_next(request)
+            return probe
+        try:
+            check_auth(request, required=False)
+        except ApiError as exc:
+            return error_response(exc.status, exc.type, exc.message)
+        app.state.in_flight += 1
+        try:
+            response: Response = await call_next(request)
+        finally:
+            app.state.in_flight -= 1
         return response
 
     @app.get("/health", summary="Liveness and readiness")
     async def health() -> Response:
+        if app.state.draining:
+            return error_response(503, "draining", "the server is stopping: send elsewhere")
         if not is_ready():
             return error_response(503, "starting", "the engine is still loading")
         return JSONResponse({"status": "ok"})

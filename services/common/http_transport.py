@@ -8,19 +8,30 @@ whose next request's headers are not complete `header_timeout_s` after its first
 after the connection opened). Bodies have their own deadline (`read_body`, and the
 rollout server's upload idle timeout).
 
-    serve(create_app(config), config)      # what `rlad serve-*` runs
+A server with an `Announcer` (`rlad serve-* --register`) announces itself once it is
+ready and every heartbeat after, and stops in three steps on its first SIGTERM: it says it
+is draining (in the registry and on `/health`, 503) while it keeps serving, so that
+clients send elsewhere; it finishes its requests in flight; it withdraws and exits.
+
+    serve(create_app(config), config)                # what `rlad serve-*` runs
+    serve(create_app(config), config, registration)  # ... with `--register`
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import logging
+import time
+from collections.abc import Awaitable
+from types import FrameType
 from typing import Any, Protocol, cast
 
 import uvicorn
 
 from services.common.http_server import API_KEY_ENV, api_key
+from services.common.protocol import ServerInfo
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +53,12 @@ class ServeSettings(Protocol):
 
     @property
     def loopback_only(self) -> bool: ...
+
+    @property
+    def drain_grace_s(self) -> float: ...
+
+    @property
+    def drain_timeout_s(self) -> float: ...
 
 
 class _HeaderDeadline(asyncio.Protocol):
@@ -131,13 +148,109 @@ def warn_if_unprotected(settings: ServeSettings) -> None:
     )
 
 
-def serve(app: Any, settings: ServeSettings) -> None:
-    """Run `app` under uvicorn at `settings.host:port` until stopped."""
+class Announcer(Protocol):
+    """Where a server announces itself while it serves (services.queue.registry's
+    `Registration`): `announce` every `heartbeat_s` once it is ready, with `draining` once
+    it stops; `withdraw` when it is gone."""
+
+    heartbeat_s: float
+
+    async def announce(self, info: ServerInfo, draining: bool) -> None: ...
+
+    async def withdraw(self) -> None: ...
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn whose first SIGTERM/SIGINT starts a drain instead of the shutdown (`_drain`
+    ends it); a second signal stops it at once, as plain uvicorn does."""
+
+    drain_requested = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.drain_requested or not self.started:
+            super().handle_exit(sig, frame)
+            return
+        self._captured_signals.append(sig)  # re-raised after the shutdown, as uvicorn does
+        self.drain_requested = True
+
+
+def serve(app: Any, settings: ServeSettings, announcer: Announcer | None = None) -> None:
+    """Run `app` under uvicorn at `settings.host:port` until stopped; with an `announcer`,
+    announce the server once it is ready and drain it on the first SIGTERM."""
     warn_if_unprotected(settings)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         http=header_timeout_protocol(settings.header_timeout_s),
     )
+    if announcer is None:
+        uvicorn.Server(config).run()
+        return
+    asyncio.run(_serve_announced(_DrainingServer(config), app, settings, announcer))
+
+
+async def _serve_announced(
+    server: _DrainingServer, app: Any, settings: ServeSettings, announcer: Announcer
+) -> None:
+    serving = asyncio.create_task(server.serve())
+    heartbeat: asyncio.Task[None] | None = None
+    try:
+        while not (server.started and app.state.is_ready()):
+            if serving.done():
+                return await serving  # it failed to start: its error, not a registration
+            await asyncio.sleep(0.1)
+        heartbeat = asyncio.create_task(_heartbeats(app, announcer))
+        while not server.drain_requested and not serving.done():
+            await asyncio.sleep(0.1)
+        if server.drain_requested:
+            await _drain(server, app, settings)
+        # Heartbeats end first, or one could write the record again after it is withdrawn.
+        await _cancel(heartbeat)
+        await _quietly(announcer.withdraw(), "withdraw the registration")
+        server.should_exit = True
+        await serving
+    finally:
+        if heartbeat is not None and not heartbeat.done():  # an error on the way
+            await _cancel(heartbeat)
+            await _quietly(announcer.withdraw(), "withdraw the registration")
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _heartbeats(app: Any, announcer: Announcer) -> None:
+    """The record, now and every `heartbeat_s`: `draining` as soon as the server is."""
+    while True:
+        await _quietly(announcer.announce(app.state.info(), app.state.draining), "heartbeat")
+        draining = app.state.draining
+        deadline = time.monotonic() + announcer.heartbeat_s
+        while time.monotonic() < deadline and app.state.draining == draining:
+            await asyncio.sleep(0.05)
+
+
+async def _drain(server: _DrainingServer, app: Any, settings: ServeSettings) -> None:
+    """Say `draining` (registry and `/health`) and keep serving for `drain_grace_s`, so
+    that every client has looked and sends nothing new; then wait for the requests in
+    flight (up to `drain_timeout_s`)."""
+    log.info("stopping: draining (clients are told to send elsewhere)")
+    app.state.draining = True  # the next heartbeat, at once, says so
+    deadline = time.monotonic() + settings.drain_timeout_s
+    await asyncio.sleep(min(settings.drain_grace_s, settings.drain_timeout_s))
+    while app.state.in_flight and time.monotonic() < deadline and not server.should_exit:
+        await asyncio.sleep(0.05)
+    if app.state.in_flight:
+        log.warning("%d requests still in flight after the drain timeout", app.state.in_flight)
+
+
+async def _quietly(call: Awaitable[None], what: str) -> None:
+    """The registry is best effort: a server whose Redis is away keeps serving (its record
+    then expires, and comes back with the next heartbeat that reaches Redis)."""
+    try:
+        await call
+    except Exception as exc:
+        log.warning("could not %s: %s", what, exc)

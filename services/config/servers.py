@@ -84,6 +84,19 @@ class ServerConfig(BaseSettings):
     )
     tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM backend: GPUs per model.")
     seed: int = Field(default=0, description="Engine seed.")
+    drain_grace_s: float = Field(
+        default=4.0,
+        ge=0.0,
+        description="A registered server (`--register`) stopped by SIGTERM says it is "
+        "draining and keeps serving this long, so that every client following the registry "
+        "(they look every 2 s) has moved elsewhere before it waits for its last requests.",
+    )
+    drain_timeout_s: float = Field(
+        default=60.0,
+        gt=0.0,
+        description="A draining server (see drain_grace_s) waits at most this long, grace "
+        "included, for its requests in flight before it exits.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Log level of the server process."
     )

@@ -51,6 +51,16 @@ class RunKeys:
     def teacher_latency(self) -> str:  # list: the scorers' latest teacher calls
         return f"{PREFIX}:{self.run}:teacher_latency_ms"
 
+    def servers(self, role: str) -> str:  # sorted set: server URL -> expiry (Redis time, ms)
+        return f"{PREFIX}:{self.run}:servers:{role}"
+
+    def server_records(self, role: str) -> str:  # hash: server URL -> its `ServerRecord`
+        return f"{PREFIX}:{self.run}:servers:{role}:records"
+
+    @property
+    def prompt_cursor(self) -> str:  # integer: the next index of the seeded prompt stream
+        return f"{PREFIX}:{self.run}:prompt_cursor"
+
     @property
     def pattern(self) -> str:
         """Matches every key of this run and of no other."""

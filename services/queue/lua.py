@@ -88,6 +88,53 @@ redis.call('LPUSH', KEYS[1], ARGV[1])
 redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
 """
 
+# The server's clock, in milliseconds: every process judges expiry by the same clock.
+# (Redis < 7 refuses writes after TIME unless the script replicates its effects.)
+NOW_MS = """
+if redis.replicate_commands then redis.replicate_commands() end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+"""
+
+# KEYS: the role's sorted set, its records hash; ARGV: url, record, time to live (ms).
+# Both keys expire with the longest-lived record (never sooner), so a run whose servers
+# are all gone leaves none behind.
+HEARTBEAT = (
+    NOW_MS
+    + """
+local ttl = tonumber(ARGV[3])
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+for _, key in ipairs(KEYS) do
+  if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+end
+"""
+)
+
+# KEYS: the role's sorted set, its records hash. Forgets the servers whose heartbeat is
+# overdue and returns the records of the others.
+LIVE_SERVERS = (
+    NOW_MS
+    + """
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+if #expired > 0 then
+  redis.call('ZREM', KEYS[1], unpack(expired))
+  redis.call('HDEL', KEYS[2], unpack(expired))
+end
+local live = redis.call('ZRANGE', KEYS[1], 0, -1)
+if #live == 0 then return {} end
+return redis.call('HMGET', KEYS[2], unpack(live))
+"""
+)
+
+# KEYS: a counter; ARGV: a value. Sets the counter to the value unless it is above already.
+RAISE_TO = """
+local now = tonumber(redis.call('GET', KEYS[1]) or '0')
+local wanted = tonumber(ARGV[1])
+if wanted > now then redis.call('SET', KEYS[1], wanted); return wanted end
+return now
+"""
+
 SCRIPTS = {
     "publish": PUBLISH,
     "forward": FORWARD,
@@ -96,4 +143,7 @@ SCRIPTS = {
     "replay": REPLAY,
     "prune_consumer": PRUNE_CONSUMER,
     "record_latency": RECORD_LATENCY,
+    "heartbeat": HEARTBEAT,
+    "live_servers": LIVE_SERVERS,
+    "raise_to": RAISE_TO,
 }

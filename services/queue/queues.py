@@ -13,7 +13,7 @@ both ride out a Redis restart (retrying each call for `queue.redis_outage_s`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import redis
 import redis.asyncio
@@ -104,6 +104,15 @@ class GroupQueue:
     def count_staleness(self, versions_behind: int) -> None:
         self._runner.run(state.count_staleness(self.keys, versions_behind))
 
+    def claim_prompts(self, count: int) -> int:
+        return self._runner.run(state.claim_prompts(self.keys, count))
+
+    def prompt_low_water(self, trained: Collection[str] = ()) -> int:
+        return self._runner.run(state.prompt_low_water(self.keys, trained))
+
+    def restore_prompt_cursor(self, position: int) -> int:
+        return self._runner.run(state.restore_prompt_cursor(self.keys, position))
+
 
 class AsyncQueue:
     """What the async workers use, as coroutines. Create with `await AsyncQueue.open(...)`,
@@ -172,6 +181,9 @@ class AsyncQueue:
 
     async def trainer_version(self) -> int:
         return await self._runner.run(state.trainer_version(self.keys))
+
+    async def claim_prompts(self, count: int) -> int:
+        return await self._runner.run(state.claim_prompts(self.keys, count))
 
 
 class QueueReader:

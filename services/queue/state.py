@@ -1,15 +1,19 @@
 """Run-wide state beside the streams: the run counters (produced, scored, trained, stale,
 dead, replayed, skipped_zero_variance, degraded_groups), the trainer's progress (step,
-policy version and the staleness histogram of the groups it consumed) and the scorer's
-latest teacher-call latencies. `rlad monitor`, `rlad up` and the accounting tests read
-these as the one source of truth. Every operation is `Steps` (services/queue/runner.py).
+policy version and the staleness histogram of the groups it consumed), the scorer's
+latest teacher-call latencies and the prompt cursor (the next position of the run's
+seeded prompt stream, shared by every rollout worker). `rlad monitor`, `rlad up` and the
+accounting tests read these as the one source of truth. Every operation is `Steps`
+(services/queue/runner.py).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
+from services.common import wire
 from services.queue.keys import CONSUMER_GROUPS, ROLLOUTS, RUNS_PATTERN, SCORED, RunKeys, run_of
 from services.queue.readings import group_progress
 from services.queue.runner import Script, Steps, command, text
@@ -82,6 +86,45 @@ def trainer_progress(keys: RunKeys) -> Steps[TrainerProgress]:
         updated_at=float(fields["updated_at"]) if "updated_at" in fields else None,
         staleness=dict(sorted(staleness.items())),
     )
+
+
+def claim_prompts(keys: RunKeys, count: int) -> Steps[int]:
+    """Take the next `count` positions of the prompt stream; returns the first. Atomic
+    (INCRBY), so two workers never take the same position."""
+    end = yield command("incrby", keys.prompt_cursor, count)
+    return int(end) - count
+
+
+def prompt_cursor(keys: RunKeys) -> Steps[int]:
+    """The next position no worker has taken yet (0 before any)."""
+    value = yield command("get", keys.prompt_cursor)
+    return int(value or 0)
+
+
+def restore_prompt_cursor(keys: RunKeys, position: int) -> Steps[int]:
+    """Move the cursor up to `position` (a resumed checkpoint's), never back: positions
+    above it taken since are in the streams, if this Redis kept them, and must not be
+    generated twice. Returns the cursor now."""
+    return int((yield Script("raise_to", [keys.prompt_cursor], [position])))
+
+
+def prompt_low_water(keys: RunKeys, trained: Collection[str] = ()) -> Steps[int]:
+    """Where a resume would continue the prompt stream so that no prompt still in the
+    queue is skipped: the lowest position of any group in the two streams (trimmed to
+    their oldest unacknowledged entry, so acknowledged ones may lower it too) except the
+    `trained` ones (`scored` ids a checkpoint contains), or the cursor when none is left."""
+    lowest = yield from prompt_cursor(keys)
+    for stream in (ROLLOUTS, SCORED):
+        for message_id, fields in (yield command("xrange", keys.stream(stream))) or []:
+            if stream == SCORED and text(message_id) in trained:
+                continue
+            try:
+                position = wire.decode_raw(fields[b"data"]).get("prompt_index")
+            except (wire.WireDecodeError, KeyError, AttributeError):
+                continue  # a payload no worker can read has no position either
+            if isinstance(position, int):
+                lowest = min(lowest, position)
+    return lowest
 
 
 def clear_run(keys: RunKeys) -> Steps[int]:

@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from services.common.protocol import RolloutGroup
-from services.queue.keys import SCORED
+from services.queue.keys import SCORED, RunKeys
 from services.queue.queues import GroupQueue, QueueReader
 from tests.integration.groups import scored_group
 from tests.integration.trainer_runs import (
@@ -28,6 +28,7 @@ from tests.integration.trainer_runs import (
     write_config,
 )
 from tests.process_support import wait_for
+from trainer.checkpoint import LATEST
 
 pytestmark = pytest.mark.slow
 
@@ -37,10 +38,17 @@ def test_crash_and_resume_train_every_group_exactly_once(
 ) -> None:
     queue = GroupQueue(fresh_redis, RUN)
     rng = random.Random(0)
+    queue.claim_prompts(8)  # the positions of the prompt stream these groups came from
+
+    def publish(i: int) -> None:
+        group = scored_group(i, rng)
+        group.prompt_index = i
+        queue.publish(SCORED, group, counter="scored")
+
     # Three steps' worth: steps 1-2 are checkpointed, step 3 is trained but not
     # checkpointed when the trainer blocks waiting for a fourth batch and is killed.
     for i in range(6):
-        queue.publish(SCORED, scored_group(i, rng), counter="scored")
+        publish(i)
     config = write_config(tmp_path, tiny_student)
     first = trainer_process(config, redis_url, tmp_path)
     wait_for(lambda: len(trained_log(tmp_path)) >= 3, 180, first)
@@ -50,9 +58,14 @@ def test_crash_and_resume_train_every_group_exactly_once(
     assert [row["step"] for row in before] == [1, 2, 3]
     assert queue.stats().get("trained") == 4  # only the checkpointed steps are acknowledged
     lost_in_crash = set(before[2]["groups"])  # type: ignore[arg-type]
+    # The checkpoint of step 2 holds where the prompt stream resumes: groups 0-3 are in it,
+    # 4 and 5 were still queued.
+    saved = json.loads((tmp_path / "trainer-test" / "checkpoints" / LATEST).read_text())
+    assert saved["prompt_cursor"] == 4
 
     for i in range(6, 8):
-        queue.publish(SCORED, scored_group(i, rng), counter="scored")
+        publish(i)
+    fresh_redis.delete(RunKeys(RUN).prompt_cursor)  # as a Redis that lost it would
     second = trainer_process(config, redis_url, tmp_path, "--resume")
     assert second.wait(timeout_s=300) == 0, second.tail()
     after = trained_log(tmp_path)[3:]
@@ -63,6 +76,7 @@ def test_crash_and_resume_train_every_group_exactly_once(
     stats = queue.stats()
     assert stats["trained"] == 8 and stats["scored"] == 8
     assert queue.pending_for(SCORED, "trainer-0") == []
+    assert int(fresh_redis.get(RunKeys(RUN).prompt_cursor)) == 4  # continued, not restarted
     metrics = (tmp_path / "trainer-test" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(metrics[-1])["step"] == 4
     assert (tmp_path / "trainer-test" / "final" / "model.safetensors").exists()
