@@ -13,7 +13,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import secrets
 import statistics
 import tempfile
 import time
@@ -34,7 +36,11 @@ SERVED = re.compile(r'^rlad_teacher_requests_total\{status="200"\} (\S+)$', re.M
 
 
 def requests_served(teacher_url: str) -> float:
-    found = SERVED.search(httpx.get(f"{teacher_url}/metrics", timeout=5.0).text)
+    # The servers of a Ray deployment require the run's API key (they listen beyond loopback).
+    headers = {"Authorization": f"Bearer {os.environ['RLAD_API_KEY']}"}
+    response = httpx.get(f"{teacher_url}/metrics", headers=headers, timeout=5.0)
+    response.raise_for_status()
+    found = SERVED.search(response.text)
     return float(found.group(1)) if found else 0.0
 
 
@@ -80,6 +86,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     rounds, steps = (1, 6) if args.quick else (args.rounds, args.steps)
+    os.environ.setdefault("RLAD_API_KEY", secrets.token_urlsafe(24))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         student = save_tiny_model(folder / "student", "student", seed=0)
