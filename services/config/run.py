@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from services.config.algorithm import AlgorithmConfig, TrrdConfig
 from services.config.base import ConfigError, StrictModel, explain
+from services.config.cluster import ClusterConfig
 from services.config.servers import RolloutServerConfig, TeacherServerConfig
 from services.config.task import TaskConfig
 from services.config.teachers import (
@@ -67,6 +68,10 @@ class RunConfig(StrictModel):
     )
     teacher_server: TeacherServerConfig | None = Field(
         default=None, description="`rlad serve-teacher`; its model is `teacher`."
+    )
+    cluster: ClusterConfig = Field(
+        default_factory=ClusterConfig,
+        description="`rlad up --ray`: the Ray cluster, each role's resources and replicas.",
     )
     cpu_placement: bool = Field(
         default=True,

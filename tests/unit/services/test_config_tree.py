@@ -20,6 +20,7 @@ from services.cli.main import app
 from services.cli.options import flag
 from services.config.algorithm import VARIANTS, GrpoConfig, KdrlConfig, TrrdConfig
 from services.config.base import ConfigError
+from services.config.cluster import ClusterConfig, RoleResources, TrainerResources
 from services.config.run import RunConfig, load_run_config
 from services.config.servers import RolloutServerConfig, TeacherServerConfig
 from services.config.task import KKTaskConfig, MathTaskConfig
@@ -91,7 +92,10 @@ BLOCKS: list[tuple[str, dict[str, Any], type[BaseModel]]] = [
     ("queue", {}, QueueConfig),
     ("rollout_server", {}, RolloutServerConfig),
     ("teacher_server", {}, TeacherServerConfig),
-    ("teacher_urls", {"name": "a", "urls": ["http://a"]}, TeacherPoolConfig),
+    ("teacher_urls", {"name": "a", "urls": ["http://a:8100"]}, TeacherPoolConfig),
+    ("cluster", {}, ClusterConfig),
+    ("cluster.teacher", {}, RoleResources),
+    ("cluster.trainer", {}, TrainerResources),
 ]
 LIST_BLOCKS = {"teacher_urls"}  # a list of blocks: the misspelt key is in its first
 
@@ -113,7 +117,11 @@ def test_a_misspelt_key_is_named_with_the_nearest_valid_one(
         config[key] = [{**block, typo: 1}]
         key = f"{key}.0"
     elif key:
-        config[key] = {**block, typo: 1}
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = {**block, typo: 1}
     else:
         config[typo] = 1
     prefix = f"{key}." if key else ""
