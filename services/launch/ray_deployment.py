@@ -184,7 +184,12 @@ class Controller:
             argv = [*RLAD, "serve-teacher", "--config", self.plan.config_path]
             return self._spec(name, argv, env=env, kind="http"), self.cluster.teacher
         if role == "scorer":
-            remote = [flag for url in self.run.teacher_urls for flag in ("--teacher-url", url)]
+            remote = [  # the config's pools, NAME=URL, as `rlad up` passes them
+                flag
+                for pool in self.run.teacher_urls
+                for url in pool.urls
+                for flag in ("--teacher-url", f"{pool.name}={url}")
+            ]
             inputs = {"--rollout-url": "rollout"}
             if not self.run.teacher_urls:
                 inputs["--teacher-url"] = "teacher"
