@@ -23,7 +23,13 @@ from pydantic import BaseModel
 
 from services.common import wire
 from services.common.http_server import API_KEY_ENV
-from services.common.protocol import ErrorResponse, ScoreRequest, ScoreResponse, ServerInfo
+from services.common.protocol import (
+    TOP_K_OVER_LIMIT,
+    ErrorResponse,
+    ScoreRequest,
+    ScoreResponse,
+    ServerInfo,
+)
 
 M = TypeVar("M")
 B = TypeVar("B", bound=BaseModel)
@@ -114,8 +120,9 @@ class RladApi(TeacherApi):
         )
 
     def input_fault(self, status: int, message: str) -> bool:
-        # 413 for a part the client then splits, or for one sequence alone
-        return status in (413, 422)
+        # 413 for a part the client then splits, or for one sequence alone; a top_k over the
+        # server's limit refuses every request alike: the deployment's to fix
+        return status in (413, 422) and TOP_K_OVER_LIMIT not in message
 
     def error_message(self, response: httpx.Response) -> str:
         try:

@@ -25,6 +25,9 @@ MIN_TEMPERATURE = 0.01
 LOGPROB_TOLERANCE = 1e-3
 # The most alternatives a teacher returns per position (`ScoreRequest.top_k`).
 MAX_TOP_K = 64
+# How a teacher server says that a top_k is over its own max_top_k: the request is valid, the
+# deployment cannot serve it, so clients must not blame (and dead-letter) the sequences.
+TOP_K_OVER_LIMIT = "exceeds this server's max_top_k"
 
 
 class WireModel(BaseModel):

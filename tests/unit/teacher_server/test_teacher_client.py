@@ -133,6 +133,24 @@ def test_invalid_request_is_not_retried_and_says_why(replicas: list[ThreadedServ
     asyncio.run(run())
 
 
+def test_a_top_k_over_the_teachers_limit_blames_the_deployment_not_the_sequences(
+    hf_config: TeacherServerConfig, hf_engine: HFTeacherEngine
+) -> None:
+    """Every request would be refused alike: the groups must wait for a fix, not be
+    dead-lettered one by one as invalid."""
+    capped = hf_config.model_copy(update={"max_top_k": 2, "cache_bytes": 0})
+    with ThreadedServer(capped, hf_engine) as server:
+
+        async def run() -> None:
+            async with TeacherClient([server.url], health_interval_s=0, deadline_s=5) as client:
+                with pytest.raises(TeacherUnavailable, match="raise this server's --max-top-k"):
+                    await client.score([ScoreSequence(token_ids=[1, 2, 3], start=1)], top_k=4)
+                response = await client.score([ScoreSequence(token_ids=[1, 2, 3], start=1)], 2)
+                assert response.scores[0].top_k_ids is not None
+
+        asyncio.run(run())
+
+
 def test_a_request_over_the_teachers_limit_is_split_and_a_lone_sequence_refused(
     hf_config: TeacherServerConfig, hf_engine: HFTeacherEngine, reference: Reference
 ) -> None:
