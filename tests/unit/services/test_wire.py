@@ -30,8 +30,9 @@ def test_group_round_trips_and_packs_arrays_as_raw_bytes() -> None:
     )
     data = wire.encode(group)
     assert wire.decode(data, RolloutGroup) == group
-    # 1,000 ids as int32 bytes (~4 KB), where msgpack ints would take ~2.9 KB + JSON ~4.9 KB:
-    assert len(data) < 4 * 1000 + 300
+    # 1,000 ids as int32 bytes (~4 KB), where msgpack ints would take ~2.9 KB + JSON ~4.9 KB;
+    # the field names and the small values take the rest (under 500 bytes):
+    assert len(data) < 4 * 1000 + 500
     raw = msgpack.unpackb(data, raw=False)
     assert isinstance(raw["prompt_token_ids"], msgpack.ExtType)
 
