@@ -22,10 +22,12 @@ RUN groupadd --system --gid 10001 rlad \
     && chown rlad:rlad /data
 WORKDIR /opt/rlad
 # Only what the base lacks (DeepSpeed, redis, msgpack, ...): packages vLLM installed keep
-# their versions (`--keep-installed`), so this layer never rebuilds vLLM's CUDA stack.
+# their versions (`--keep-installed`), so this layer never rebuilds vLLM's CUDA stack. With
+# the `ray` extra, so that every pod of a KubeRay cluster (deploy/kuberay/) runs `rlad up
+# --ray` and its actors from this one image: vLLM's image has Ray already, and keeps its.
 COPY pyproject.toml ./
 COPY docker/constraints.txt docker/pins.py docker/
-RUN python3 docker/pins.py requirements > /tmp/requirements.txt \
+RUN python3 docker/pins.py requirements --extra ray > /tmp/requirements.txt \
     && python3 docker/pins.py constraints --keep-installed > /tmp/constraints.txt \
     && python3 -m pip install -r /tmp/requirements.txt -c /tmp/constraints.txt \
     && rm /tmp/requirements.txt /tmp/constraints.txt

@@ -2,6 +2,7 @@
 docker/constraints.txt (so that no image lists its dependencies a second time).
 
     python3 docker/pins.py requirements --without torch deepspeed > requirements.txt
+    python3 docker/pins.py requirements --extra ray > requirements.txt
     python3 docker/pins.py constraints > constraints.txt
     python3 docker/pins.py constraints --keep-installed > constraints.txt
     python3 docker/pins.py freeze > docker/constraints.txt   # from a passing environment
@@ -35,9 +36,13 @@ def requirement_name(spec: str) -> str:
     return normalize(match.group(1))
 
 
-def requirements(pyproject: Path, without: set[str]) -> list[str]:
-    """rlad's runtime dependencies, less the named ones."""
-    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+def requirements(pyproject: Path, without: set[str], extras: tuple[str, ...] = ()) -> list[str]:
+    """rlad's runtime dependencies and those of the named extras, less the named ones."""
+    project = tomllib.loads(pyproject.read_text())["project"]
+    deps = [
+        *project["dependencies"],
+        *(d for e in extras for d in project["optional-dependencies"][e]),
+    ]
     return [d for d in deps if requirement_name(d) not in {normalize(w) for w in without}]
 
 
@@ -97,6 +102,7 @@ def main(argv: list[str]) -> None:
     sub = parser.add_subparsers(dest="what", required=True)
     req = sub.add_parser("requirements")
     req.add_argument("--without", nargs="*", default=[])
+    req.add_argument("--extra", action="append", default=[], help="An extra's too, e.g. ray.")
     con = sub.add_parser("constraints")
     con.add_argument("--keep-installed", action="store_true")
     sub.add_parser("freeze")
@@ -104,7 +110,7 @@ def main(argv: list[str]) -> None:
     if args.what == "freeze":
         lines = [HEADER, *freeze(ROOT / "pyproject.toml")]
     elif args.what == "requirements":
-        lines = requirements(ROOT / "pyproject.toml", set(args.without))
+        lines = requirements(ROOT / "pyproject.toml", set(args.without), tuple(args.extra))
     else:
         lines = constraints(ROOT / "docker" / "constraints.txt", args.keep_installed)
     print("\n".join(lines))

@@ -137,6 +137,17 @@ def test_light_image_requirements_leave_torch_and_deepspeed_out() -> None:
     assert "torch" not in names and "deepspeed" not in names and "redis" in names
 
 
+def test_gpu_image_installs_ray_for_kuberay_pods() -> None:
+    # deploy/kuberay/ runs `rlad up --ray` and every actor from the GPU image.
+    dockerfile = (ROOT / "docker/gpu.Dockerfile").read_text()
+    call = re.search(r"docker/pins.py requirements ([^>]*)>", dockerfile)
+    assert call is not None
+    extras = tuple(re.findall(r"--extra (\S+)", call.group(1)))
+    gpu = pins.requirements(ROOT / "pyproject.toml", without=set(), extras=extras)
+    assert "ray" in {pins.requirement_name(r) for r in gpu}
+    assert "rlad-gpu" in (ROOT / "deploy/kuberay/raycluster.yaml").read_text()
+
+
 # What `rlad scorer`, `rlad rollout-worker` and `rlad monitor` import when they run: the
 # light image (target `services`) has no DeepSpeed.
 LIGHT_IMAGE_IMPORTS = """
