@@ -1,11 +1,12 @@
-"""Pipeline benchmark: the real system (`rlad up` machinery) on tiny CPU models.
+"""Pipeline benchmark: the real system (`rlad up` machinery) on the shipped tiny CPU models.
 
 (a) steady-state step time of RLAD (TRRD, teacher as its own server) vs GRPO (no teacher)
     in the same pipeline — the paper's colocated teacher costs 1.155x (Table 4);
 (b) throughput of the pipelined system vs a strictly sequential generate → score → train
     loop (`rollout.synchronous`), both with 200 ms injected per teacher request to model a
-    remote teacher; and the pipelined step with that latency vs RLAD's without it, which
-    the scorer's requests in flight (`scorer.max_in_flight`) should hide;
+    remote teacher, beside the most that overlapping the three would give (from the
+    sequential arm's own stage times); and the pipelined step with that latency vs RLAD's
+    without it, which the scorer's requests in flight (`scorer.max_in_flight`) should hide;
 (c) queue overhead per group (encode, XADD, XREADGROUP, decode, XACK) on a real Redis as a
     share of the step time per group;
 (d) teacher tokens per trained token in steady state, with `scorer.skip_zero_variance`
@@ -17,9 +18,16 @@ the machine's drift falls on all of them alike; each ratio is taken within a rou
 median over rounds is printed with the range of the rounds' values, e.g.
 `rlad_vs_grpo_step_time_ratio: 0.985 (rounds: 0.951..1.032)`.
 
-Run: `python bench/pipeline.py` (5 rounds of 8 steps per arm: about 20 minutes on 2 CPU
-cores); `python bench/pipeline.py --quick` (one round of 5 steps, short completions: every
-figure line, none of them measured well; a few minutes).
+The models are the shipped bootstrapped pair (`artifacts/tiny`, what `rlad up` trains), at
+the tiny config's completion length: their rewards differ within a group, so the trainer
+really updates and the teacher really scores. (Untrained models earn −1 on every sample:
+every group would be skipped by the scorer and every update by the trainer, and the
+figures would time the weight pushes alone.)
+
+Run: `python bench/pipeline.py` (5 rounds of 8 steps per arm: about 2.5 minutes per arm on
+2 CPU cores, most of it starting the servers); `--rounds 3` for fewer;
+`python bench/pipeline.py --quick` (one round of 5 steps: every figure line, none of them
+measured well; about 12 minutes).
 """
 
 from __future__ import annotations
@@ -38,7 +46,6 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from tiny_stack import base_config
 
-from services.bootstrap.tiny_models import save_tiny_model
 from services.common.protocol import CompletionRecord, RolloutGroup
 from services.config.algorithm import switch_algorithm
 from services.config.run import RunConfig
@@ -51,11 +58,13 @@ from trainer.metrics_sink import read_metrics
 WARMUP_STEPS = 2
 POLL_S = 0.25  # how often the teachers' token counters are read during an arm
 LATENCY_MS = 200
+SHIPPED = Path("artifacts/tiny")  # rlad bootstrap's pair, in the repository
 
 
 @dataclass
 class Arm:
     step_s: float  # steady-state step time: the median gap between steps after the warm-up
+    trainer_s: float  # the median time the trainer spent updating and pushing, per step
     teacher_tokens: float  # tokens the teacher scored over the steady steps
     trained_tokens: float  # completion tokens trained on over the same steps
 
@@ -94,7 +103,17 @@ def steady(rows: list[dict[str, Any]], readings: list[tuple[float, float]], grou
     scored = 0.0
     if readings:
         scored = at(readings, times[-1]) - at(readings, times[WARMUP_STEPS])
-    return Arm(statistics.median(gaps), scored, trained)
+    busy = statistics.median(row["step_time_s"] + row.get("push_time_s", 0.0) for row in span)
+    return Arm(statistics.median(gaps), busy, scored, trained)
+
+
+def ideal_overlap_ratio(sync: Arm) -> float:
+    """The sequential step over its slowest stage: what perfect overlap of generation, the
+    teacher's latency and the trainer could give at most (on spare cores: on 2 cores
+    generation and training also compete for the CPU)."""
+    latency = LATENCY_MS / 1000
+    generation = max(sync.step_s - sync.trainer_s - latency, 0.0)
+    return sync.step_s / max(generation, latency, sync.trainer_s)
 
 
 def arm_config(config: dict[str, Any], name: str, changes: dict[str, Any]) -> RunConfig:
@@ -127,7 +146,11 @@ def run(config: dict[str, Any], name: str, label: str, changes: dict[str, Any]) 
     rows = read_metrics(run_config.folder / "metrics.jsonl")
     arm = steady(rows, readings, run_config.rollout.group_size)
     took = time.perf_counter() - started
-    print(f"  {label:<14} steady step {arm.step_s:.3f}s  (run {took:.0f}s)", flush=True)
+    print(
+        f"  {label:<14} steady step {arm.step_s:.3f}s, trainer busy {arm.trainer_s:.3f}s "
+        f"(run {took:.0f}s)",
+        flush=True,
+    )
     return arm
 
 
@@ -179,22 +202,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="Trainer steps per arm and round.")
     parser.add_argument("--rounds", type=int, default=5, help="Rounds of the four timed arms.")
     parser.add_argument("--batch-prompts", type=int, default=4, help="B, groups per step.")
-    parser.add_argument("--max-tokens", type=int, default=64, help="Completion length limit.")
     parser.add_argument(
-        "--quick", action="store_true", help="One round of 5 steps, completions up to 32 tokens."
+        "--max-tokens", type=int, default=None, help="Completion length limit (the config's)."
     )
+    parser.add_argument("--quick", action="store_true", help="One round of 5 steps.")
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.rounds, args.max_tokens = 5, 1, 32
+        args.steps, args.rounds = 5, 1
+    if not (SHIPPED / "student").is_dir():
+        parser.error(f"no models in {SHIPPED}: run `rlad bootstrap --out {SHIPPED}` first")
     if args.steps < WARMUP_STEPS + 3:
         parser.error(f"--steps must be at least {WARMUP_STEPS + 3} (the first gaps are warm-up)")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        student = save_tiny_model(folder / "student", "student", seed=0)
-        teacher = save_tiny_model(folder / "teacher", "teacher", seed=1)
-        config = base_config(folder / "runs", student, teacher, args.steps)
+        config = base_config(folder / "runs", SHIPPED / "student", SHIPPED / "teacher", args.steps)
         config["trainer"]["batch_prompts"] = batch = args.batch_prompts
-        config["rollout"]["max_tokens"] = args.max_tokens
+        if args.max_tokens is not None:
+            config["rollout"]["max_tokens"] = args.max_tokens
         latency = {"teacher_server__inject_latency_ms": LATENCY_MS}
         arms: dict[str, dict[str, Any]] = {
             "rlad": {},
@@ -207,7 +231,8 @@ def main() -> None:
         }
         print(
             f"pipeline benchmark: {args.rounds} rounds of {args.steps} steps per arm, B={batch}, "
-            f"tiny models on CPU; async and sync with {LATENCY_MS} ms per teacher request"
+            f"the shipped tiny models on CPU; async and sync with {LATENCY_MS} ms per teacher "
+            "request"
         )
         results: dict[str, list[Arm]] = {name: [] for name in arms}
         for i in range(args.rounds):
@@ -240,6 +265,10 @@ def main() -> None:
     print(
         "async_vs_sync_throughput_ratio: "
         + over_rounds([s.step_s / a.step_s for _, _, a, s in rounds])
+    )
+    print(
+        "async_vs_sync_ideal_overlap_ratio: "
+        + over_rounds([ideal_overlap_ratio(s) for _, _, _, s in rounds])
     )
     print(
         "pipelined_step_with_latency_vs_without_ratio: "
