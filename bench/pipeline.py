@@ -4,9 +4,8 @@
     in the same pipeline — the paper's colocated teacher costs 1.155x (Table 4);
 (b) throughput of the pipelined system vs a strictly sequential generate → score → train
     loop (`rollout.synchronous`), both with 200 ms injected per teacher request to model a
-    remote teacher, beside the most that overlapping the three would give (from the
-    sequential arm's own stage times); and the pipelined step with that latency vs RLAD's
-    without it, which the scorer's requests in flight (`scorer.max_in_flight`) should hide;
+    remote teacher; and the pipelined step with that latency vs RLAD's without it, which
+    the scorer's requests in flight (`scorer.max_in_flight`) should hide;
 (c) queue overhead per group (encode, XADD, XREADGROUP, decode, XACK) on a real Redis as a
     share of the step time per group;
 (d) teacher tokens per trained token in steady state, with `scorer.skip_zero_variance`
@@ -105,15 +104,6 @@ def steady(rows: list[dict[str, Any]], readings: list[tuple[float, float]], grou
         scored = at(readings, times[-1]) - at(readings, times[WARMUP_STEPS])
     busy = statistics.median(row["step_time_s"] + row.get("push_time_s", 0.0) for row in span)
     return Arm(statistics.median(gaps), busy, scored, trained)
-
-
-def ideal_overlap_ratio(sync: Arm) -> float:
-    """The sequential step over its slowest stage: what perfect overlap of generation, the
-    teacher's latency and the trainer could give at most (on spare cores: on 2 cores
-    generation and training also compete for the CPU)."""
-    latency = LATENCY_MS / 1000
-    generation = max(sync.step_s - sync.trainer_s - latency, 0.0)
-    return sync.step_s / max(generation, latency, sync.trainer_s)
 
 
 def arm_config(config: dict[str, Any], name: str, changes: dict[str, Any]) -> RunConfig:
@@ -265,10 +255,6 @@ def main() -> None:
     print(
         "async_vs_sync_throughput_ratio: "
         + over_rounds([s.step_s / a.step_s for _, _, a, s in rounds])
-    )
-    print(
-        "async_vs_sync_ideal_overlap_ratio: "
-        + over_rounds([ideal_overlap_ratio(s) for _, _, _, s in rounds])
     )
     print(
         "pipelined_step_with_latency_vs_without_ratio: "
