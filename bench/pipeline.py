@@ -23,10 +23,10 @@ really updates and the teacher really scores. (Untrained models earn −1 on eve
 every group would be skipped by the scorer and every update by the trainer, and the
 figures would time the weight pushes alone.)
 
-Run: `python bench/pipeline.py` (5 rounds of 8 steps per arm: about 2.5 minutes per arm on
-2 CPU cores, most of it starting the servers); `--rounds 3` for fewer;
+Run: `python bench/pipeline.py` (5 rounds of 8 steps per arm, each arm about 2.2 minutes on
+2 CPU cores, most of it starting the servers: about 45 minutes; `--rounds 3`: about 30);
 `python bench/pipeline.py --quick` (one round of 5 steps: every figure line, none of them
-measured well; about 12 minutes).
+measured well; about 10 minutes).
 """
 
 from __future__ import annotations
