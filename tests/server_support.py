@@ -58,12 +58,14 @@ class ThreadedServer:
 
 
 class ScriptedServer:
-    """Answers each request with the next scripted status, then 200 with `body`; records
-    the path of every request. Runs under uvicorn on the test's event loop."""
+    """Answers each request with the next scripted status (an error of type `error_type`),
+    then 200 with `body`; records the path of every request. Runs under uvicorn on the
+    test's event loop."""
 
-    def __init__(self, statuses: list[int], body: BaseModel) -> None:
+    def __init__(self, statuses: list[int], body: BaseModel, error_type: str = "scripted") -> None:
         self.statuses = list(statuses)
         self.body = body
+        self.error_type = error_type
         self.requests: list[str] = []
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
@@ -78,7 +80,7 @@ class ScriptedServer:
         status = self.statuses.pop(0) if self.statuses else 200
         if status == 200:
             return Response(self.body.model_dump_json(), media_type="application/json")
-        error = ErrorResponse(error=ErrorBody(type="scripted", message=f"scripted {status}"))
+        error = ErrorResponse(error=ErrorBody(type=self.error_type, message=f"scripted {status}"))
         return Response(
             error.model_dump_json(),
             status_code=status,

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from services.clients.rollout import RolloutClient, RolloutServerError
 from services.clients.teacher import TeacherClient, TeacherRequestError, TeacherUnavailable
 from services.common.protocol import (
+    TOP_K_OVER_LIMIT,
     ErrorBody,
     ErrorResponse,
     GenerateRequest,
@@ -134,6 +135,23 @@ def test_teacher_client_reports_a_teacher_that_refuses_any_input_as_unavailable(
                 await client.score([ScoreSequence(token_ids=[1, 2], start=1)])
             assert time.monotonic() - began < 5.0  # at once, not at the 60 s deadline
         assert f"{server.url}: HTTP {status}: scripted {status}: {hint}" in str(caught.value)
+        assert server.requests == ["/v1/score"]
+
+    asyncio.run(run())
+
+
+def test_teacher_client_takes_a_top_k_over_the_limit_as_the_deployments_fault() -> None:
+    """Told by the error's type, whatever its message: the 422 that
+    `test_teacher_client_does_not_retry_an_invalid_input` blames on the sequences is, as
+    `top_k_over_limit`, refused whatever they carry, so no group is dead-lettered for it."""
+
+    async def run() -> None:
+        async with (
+            ScriptedServer([422], SCORED, error_type=TOP_K_OVER_LIMIT) as server,
+            TeacherClient([server.url], backoff_s=0.01, health_interval_s=0) as client,
+        ):
+            with pytest.raises(TeacherUnavailable, match="HTTP 422: scripted 422"):
+                await client.score([ScoreSequence(token_ids=[1, 2], start=1)], top_k=4)
         assert server.requests == ["/v1/score"]
 
     asyncio.run(run())
