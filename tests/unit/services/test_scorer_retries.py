@@ -102,7 +102,7 @@ def test_scorer_retries_while_no_teacher_answers(
     score_pending_group(redis_url, teacher, should_stop=lambda: False)
     assert teacher.calls == 3
     queue = GroupQueue(fresh_redis, "test")
-    assert queue.stats() == {"produced": 1, "scored": 1}
+    assert queue.stats() == {"produced": 1, "scored": 1, "scored_by_pool:default": 1}
     assert queue.pending_for(ROLLOUTS, "scorer-a") == []
 
 
@@ -169,7 +169,7 @@ def test_a_failure_to_record_the_latency_costs_no_group(
     with caplog.at_level(logging.WARNING, logger=scorer_module.__name__):
         asyncio.run(score_pending(redis_url, FlakyTeacher(0), lambda: False, groups=2))
     queue = GroupQueue(fresh_redis, "test")
-    assert queue.stats() == {"produced": 2, "scored": 2}
+    assert queue.stats() == {"produced": 2, "scored": 2, "scored_by_pool:default": 2}
     assert "teacher latency not recorded" in caplog.text and "WRONGTYPE" in caplog.text
 
 
@@ -229,7 +229,7 @@ def test_an_unexpected_error_leaves_the_batch_pending_and_then_fails_alone(
         asyncio.run(run())
     # The first failure parked nothing: the batch was delivered again, one group at a
     # time, and only the group that kept failing was parked, by the delivery bound.
-    assert queue.stats() == {"produced": 3, "scored": 2, "dead": 1}
+    assert queue.stats() == {"produced": 3, "scored": 2, "dead": 1, "scored_by_pool:default": 2}
     (letter,) = fresh_redis.xrange(RunKeys("test").stream(DEAD))
     assert decode(letter[1][b"data"], RolloutGroup).group_id == "bad"
     assert letter[1][b"reason"] == b"delivered 3 times without being acknowledged"
