@@ -98,9 +98,9 @@ def validate_request(request: ScoreRequest, info: ServerInfo, config: TeacherSer
     if request.top_k > config.max_top_k:
         raise ApiError(
             422,
-            "invalid_request",
-            f"top_k={request.top_k} {TOP_K_OVER_LIMIT} ({config.max_top_k}): lower the "
-            "scorer's scorer.top_k, or raise this server's --max-top-k",
+            TOP_K_OVER_LIMIT,
+            f"top_k={request.top_k} exceeds this server's max_top_k ({config.max_top_k}): "
+            "lower the scorer's scorer.top_k, or raise this server's --max-top-k",
         )
     total = sum(len(seq.token_ids) for seq in request.sequences)
     if total > config.max_request_tokens:

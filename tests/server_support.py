@@ -1,19 +1,25 @@
 """Helpers for the tests of both servers: an app served in a background thread the way
 `rlad serve-*` serves it (uvicorn with the header deadline, real HTTP on loopback), raw
-sockets for clients that misbehave, and a timed `/health` probe."""
+sockets for clients that misbehave, and a timed `/health` probe. For the clients' tests, a
+scripted server that answers with the statuses it is given."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 import threading
 import time
+from types import TracebackType
 from typing import Any
 
 import httpx
 import uvicorn
+from fastapi import FastAPI, Response
+from pydantic import BaseModel
 
 from services.common.http_transport import header_timeout_protocol
+from services.common.protocol import ErrorBody, ErrorResponse
 from services.common.runtime import free_port
 
 
@@ -49,6 +55,54 @@ class ThreadedServer:
 
     def __exit__(self, *_: object) -> None:
         self.stop()
+
+
+class ScriptedServer:
+    """Answers each request with the next scripted status (an error of type `error_type`),
+    then 200 with `body`; records the path of every request. Runs under uvicorn on the
+    test's event loop."""
+
+    def __init__(self, statuses: list[int], body: BaseModel, error_type: str = "scripted") -> None:
+        self.statuses = list(statuses)
+        self.body = body
+        self.error_type = error_type
+        self.requests: list[str] = []
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        app = FastAPI()
+        app.add_api_route("/{path:path}", self.answer, methods=["GET", "POST"])
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.task: asyncio.Task[None] | None = None
+
+    async def answer(self, path: str) -> Response:
+        self.requests.append(f"/{path}")
+        status = self.statuses.pop(0) if self.statuses else 200
+        if status == 200:
+            return Response(self.body.model_dump_json(), media_type="application/json")
+        error = ErrorResponse(error=ErrorBody(type=self.error_type, message=f"scripted {status}"))
+        return Response(
+            error.model_dump_json(),
+            status_code=status,
+            media_type="application/json",
+            headers={"retry-after": "0"},
+        )
+
+    async def __aenter__(self) -> ScriptedServer:
+        self.task = asyncio.create_task(self.server.serve())
+        while not self.server.started:
+            await asyncio.sleep(0.01)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.server.should_exit = True
+        assert self.task is not None
+        await self.task
 
 
 def health_seconds(url: str) -> float:

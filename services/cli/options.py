@@ -6,14 +6,18 @@ that names no run, or no `--run` where several share the Redis, and `redis_clien
 that refuses this client (a wrong password, TLS). `model_options` gives a command one
 `--field-name` option per field of a settings model, with the field's type, default and
 description, so that no option is declared twice; `build_model` validates what was given
-and names the offending flag when a value is refused.
+and names the offending flag when a value is refused. `server_command` is the whole
+`rlad serve-*` command of a server: its options, `--config`, the registration options
+and the wiring.
 """
 
 from __future__ import annotations
 
 import enum
 import functools
+import importlib
 import inspect
+import logging
 import socket
 import types
 import typing
@@ -36,6 +40,7 @@ from services.queue.queues import QueueReader
 from services.queue.registry import DEFAULT_POOL, REGISTRY, AsyncServerRegistry, Registration
 
 M = TypeVar("M", bound=BaseModel)
+S = TypeVar("S", bound=ServerConfig)
 SETTINGS = "settings"  # the parameter that receives the generated options' values
 PLAIN_TYPES = (str, int, float, bool, Path)
 
@@ -129,6 +134,55 @@ def registration(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--run / --register") from None
     return Registration(registry, advertise_url or advertised_url(server), pool)
+
+
+def server_command(
+    model: type[S],
+    *,
+    role: str,
+    serves: str,
+    block: Callable[[RunConfig], S | None],
+    app_module: str,
+    summary: str,
+) -> Callable[..., None]:
+    """The `rlad serve-<role>` command: one option per field of `model`, `--config` (a run
+    YAML: its `block`, serving its `serves` model), the registration options, and the
+    wiring from the resolved config to the app of `app_module`'s `create_app`, served by
+    uvicorn and announced where asked. `app_module` is imported only when the command runs,
+    so that `rlad --help` stays instant; `summary` is the command's help."""
+
+    def command(
+        config: Path | None = typer.Option(
+            None,
+            "--config",
+            exists=True,
+            dir_okay=False,
+            help=f"Run YAML: serve its {role}_server block (the model is its {serves}).",
+        ),
+        register: str | None = REGISTER,
+        run: str | None = REGISTER_RUN,
+        advertise_url: str | None = ADVERTISE_URL,
+        pool: str = POOL,
+        *,
+        settings: dict[str, Any],
+    ) -> None:
+        from services.common.http_transport import serve
+        from services.common.runtime import configure_logging
+
+        base = None
+        if config is not None:
+            loaded = load_run(config)
+            base, run = block(loaded), run or loaded.name
+            if base is None:
+                raise typer.BadParameter(f"{config} names no `{serves}`", param_hint="--config")
+        server = build_model(model, settings, base)
+        announcer = registration(register, run, advertise_url, pool, server)
+        configure_logging(role)
+        logging.getLogger(__name__).info("config: %s", server.model_dump_json())
+        serve(importlib.import_module(app_module).create_app(server), server, announcer)
+
+    command.__doc__ = summary
+    return model_options(model)(command)
 
 
 def load_run(path: Path, overrides: dict[str, object] | None = None) -> RunConfig:

@@ -154,10 +154,11 @@ class OpenAiApi(TeacherApi):
             extras=(HttpCall("POST", "/tokenize", probe, JSON_HEADERS),),
         )
 
-    def input_fault(self, status: int, message: str) -> bool:
-        if status in (413, 422):
-            return True
-        return status == 400 and any(fault in message for fault in INPUT_FAULTS)
+    def input_fault(self, response: httpx.Response) -> bool:
+        if response.status_code == 400:
+            message = self.error_message(response)
+            return any(fault in message for fault in INPUT_FAULTS)
+        return response.status_code in (413, 422)
 
     def error_message(self, response: httpx.Response) -> str:
         """vLLM's `{"error": {"message": ...}}`, else the start of the body."""

@@ -335,7 +335,7 @@ class TeacherClient:
         message = api.error_message(response)
         reason = f"HTTP {response.status_code}: {message}"
         status = response.status_code
-        if api.input_fault(status, message):
+        if api.input_fault(response):
             raise TeacherRequestError(status, f"{replica.url} refused {what}: {reason}")
         if status in (429, 503):
             retry_after = response.headers.get("retry-after", "1")

@@ -25,6 +25,7 @@ from services.common import wire
 from services.common.http_server import API_KEY_ENV
 from services.common.protocol import (
     TOP_K_OVER_LIMIT,
+    ErrorBody,
     ErrorResponse,
     ScoreRequest,
     ScoreResponse,
@@ -76,7 +77,7 @@ class TeacherApi(ABC):
         """What the tokenizer and precision checks compare."""
 
     @abstractmethod
-    def input_fault(self, status: int, message: str) -> bool:
+    def input_fault(self, response: httpx.Response) -> bool:
         """Whether a refusal blames the sequences sent (retrying them cannot help, other
         sequences may still be scored) rather than the server or the deployment."""
 
@@ -119,16 +120,25 @@ class RladApi(TeacherApi):
             lambda response, _: _decode(response, ServerInfo),
         )
 
-    def input_fault(self, status: int, message: str) -> bool:
+    def input_fault(self, response: httpx.Response) -> bool:
         # 413 for a part the client then splits, or for one sequence alone; a top_k over the
         # server's limit refuses every request alike: the deployment's to fix
-        return status in (413, 422) and TOP_K_OVER_LIMIT not in message
+        if response.status_code not in (413, 422):
+            return False
+        error = _error(response)
+        return error is None or error.type != TOP_K_OVER_LIMIT
 
     def error_message(self, response: httpx.Response) -> str:
-        try:
-            return ErrorResponse.model_validate_json(response.content).error.message
-        except ValueError:
-            return super().error_message(response)
+        error = _error(response)
+        return error.message if error is not None else super().error_message(response)
+
+
+def _error(response: httpx.Response) -> ErrorBody | None:
+    """The error an rlad server answered with; None for a body of another shape."""
+    try:
+        return ErrorResponse.model_validate_json(response.content).error
+    except ValueError:
+        return None
 
 
 def _decode(response: httpx.Response, cls: type[B]) -> B:

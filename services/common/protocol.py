@@ -25,9 +25,10 @@ MIN_TEMPERATURE = 0.01
 LOGPROB_TOLERANCE = 1e-3
 # The most alternatives a teacher returns per position (`ScoreRequest.top_k`).
 MAX_TOP_K = 64
-# How a teacher server says that a top_k is over its own max_top_k: the request is valid, the
-# deployment cannot serve it, so clients must not blame (and dead-letter) the sequences.
-TOP_K_OVER_LIMIT = "exceeds this server's max_top_k"
+# The error `type` with which a teacher server refuses a top_k over its own max_top_k: the
+# request is valid, the deployment cannot serve it, so clients must not blame (and
+# dead-letter) the sequences.
+TOP_K_OVER_LIMIT = "top_k_over_limit"
 
 
 class WireModel(BaseModel):
@@ -47,7 +48,10 @@ class RequestModel(WireModel):
 
 
 class ErrorBody(WireModel):
-    type: str = Field(description="Machine-readable kind, e.g. `invalid_request`, `overloaded`.")
+    type: str = Field(
+        description="Machine-readable kind, e.g. `invalid_request`, `overloaded`, "
+        "`top_k_over_limit`: what clients act on (the message is for people)."
+    )
     message: str = Field(description="What went wrong and how to fix it.")
     detail: list[dict[str, object]] | None = Field(
         default=None, description="Per-field validation problems, when there are any."

@@ -92,7 +92,7 @@ def snapshot_metrics(snapshot: QueueSnapshot) -> Iterator[Metric]:
     yield groups
     pools = CounterMetricFamily(
         "rlad_pipeline_teacher_pool_groups",
-        "Groups scored by each teacher pool (runs with several pools).",
+        "Groups scored by each teacher pool (`default`: a run's one teacher).",
         labels=["pool"],
     )
     for pool, total in snapshot.teacher_pools.items():

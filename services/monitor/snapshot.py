@@ -9,7 +9,7 @@ Everything comes from the run's own keys, read through `QueueReader`
   from the millisecond part of that entry's id against the Redis server's clock;
 - the run counters (produced, scored, trained, stale, dead, replayed, and of the scored
   groups those forwarded unscored: skipped_zero_variance, degraded_groups);
-- with several teacher pools, the groups each pool scored;
+- the groups each teacher pool scored (`default` where the run has one teacher);
 - the trainer's step, policy version and staleness histogram;
 - the scorers' last teacher-call latencies, as p50 / p99;
 - the newest dead letters with their reason.
@@ -88,7 +88,7 @@ class QueueSnapshot(BaseModel):
     counters: dict[str, int] = Field(description="The run counters.")
     teacher_pools: dict[str, int] = Field(
         default_factory=dict,
-        description="Groups scored by each teacher pool, where the run has several.",
+        description="Groups scored by each teacher pool (`default`: a run's one teacher).",
     )
     rates: dict[str, float] | None = Field(
         default=None, description="Counter growth in groups/s between two readings."

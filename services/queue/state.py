@@ -1,6 +1,6 @@
 """Run-wide state beside the streams: the run counters (produced, scored, trained, stale,
-dead, replayed, skipped_zero_variance, degraded_groups, and with several teacher pools the
-groups each scored), the trainer's progress (step, policy version and the staleness
+dead, replayed, skipped_zero_variance, degraded_groups, and the groups each teacher pool
+scored), the trainer's progress (step, policy version and the staleness
 histogram of the groups it consumed), the scorer's latest teacher-call latencies and the
 prompt cursor (the next position of the run's seeded prompt stream, shared by every
 rollout worker). `rlad monitor`, `rlad up` and the accounting tests read these as the one
@@ -20,7 +20,7 @@ from services.queue.runner import Script, Steps, command, text
 
 LATENCY_SAMPLES = 1000
 STALENESS_PREFIX = "staleness_"
-POOL_PREFIX = "scored_by_pool:"  # a run counter per teacher pool, where there are several
+POOL_PREFIX = "scored_by_pool:"  # a run counter per teacher pool (`default`: the one teacher)
 
 
 def scored_by_pool(pool: str) -> str:

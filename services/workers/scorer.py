@@ -235,8 +235,9 @@ class Scorer:
                     ROLLOUTS, delivery.message_id, refused[delivery.message_id]
                 )
                 continue
-            elif group.teacher_pool is not None and self.pools and len(self.pools.pools) > 1:
-                also = scored_by_pool(group.teacher_pool)  # `rlad monitor` shows each pool's
+            elif teacher_mode and group.teacher_pool is not None:
+                # each pool's throughput, the `default` of a run's one teacher too
+                also = scored_by_pool(group.teacher_pool)
             group.timestamps["scored"] = now
             await self.queue.forward(
                 ROLLOUTS, delivery.message_id, SCORED, group, counter="scored", also=also

@@ -1,5 +1,5 @@
 """Synthetic groups for tests: a small fixed one for the queue, and scored ones for the
-trainer (random tokens, fixed logprobs, rewards 0/1)."""
+trainer (random tokens, fixed logprobs, rewards 0/1), or the same before a scorer's turn."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import random
 from services.common.protocol import CompletionRecord, RolloutGroup
 
 
-def scored_group(index: int, rng: random.Random) -> RolloutGroup:
+def scored_group(index: int, rng: random.Random, teacher: bool = True) -> RolloutGroup:
+    """Four completions of 3..8 random tokens with rewards 0/1, scored by a teacher (fixed
+    logprobs); with `teacher=False`, as a rollout worker publishes it, for a scorer to score."""
     prompt = [rng.randrange(2, 90) for _ in range(6)]
     completions = []
     for j in range(4):
@@ -17,7 +19,7 @@ def scored_group(index: int, rng: random.Random) -> RolloutGroup:
             CompletionRecord(
                 token_ids=[rng.randrange(2, 90) for _ in range(n)],
                 rollout_logprobs=[-4.5] * n,
-                teacher_logprobs=[-3.0 - 0.1 * k for k in range(n)],
+                teacher_logprobs=[-3.0 - 0.1 * k for k in range(n)] if teacher else None,
                 reward=float(j % 2),
                 correct=bool(j % 2),
                 finish_reason="stop",

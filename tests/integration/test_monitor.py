@@ -25,12 +25,14 @@ from redis.retry import Retry
 
 from services.common.protocol import CompletionRecord, RolloutGroup
 from services.common.runtime import free_port
+from services.config.teachers import DEFAULT_POOL
 from services.config.workers import QueueConfig
 from services.launch.processes import ManagedProcess
 from services.monitor.exporter import create_app
 from services.monitor.snapshot import QueueSnapshot, read_snapshot, with_rates
 from services.queue.keys import DEAD, ROLLOUTS, SCORED, SCORERS, RunKeys
 from services.queue.queues import GroupQueue, QueueReader
+from services.queue.state import scored_by_pool
 
 RLAD = [sys.executable, "-m", "services.cli.main"]
 
@@ -61,9 +63,9 @@ def monitor(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def built_queue(fresh_redis: redis.Redis) -> dict[str, str]:
-    """7 produced; the scorer takes 6: forwards 4 (1 skipped, 1 degraded), dead-letters 1,
-    holds 1 (g5); the trainer takes 3 of the 4 scored: trains 1, drops 1 as stale, holds 1
-    until its checkpoint.
+    """7 produced; the scorer takes 6: forwards 4 (2 by the teacher, 1 skipped, 1 degraded),
+    dead-letters 1, holds 1 (g5); the trainer takes 3 of the 4 scored: trains 1, drops 1 as
+    stale, holds 1 until its checkpoint.
     Left: rollouts g5 (pending) + g6 (undelivered); scored s2 (pending) + s3 (undelivered).
     Accounts: produced 7 = trained 1 + stale 1 + dead 1 + 2 in rollouts + 2 in scored."""
     queue = GroupQueue(fresh_redis, "test", QueueConfig())
@@ -72,8 +74,10 @@ def built_queue(fresh_redis: redis.Redis) -> dict[str, str]:
     assert [d.message_id for d in taken] == ids[:6]
     scored_ids = []
     # Of the 4 scored, one went on without its teacher call (all rewards equal) and one
-    # degraded (no teacher answered): both counted as scored and as such.
-    how = [None, "skipped_zero_variance", "degraded_groups", None]
+    # degraded (no teacher answered): both counted as scored and as such; the run's one
+    # teacher, the pool `default`, scored the other two.
+    by_teacher = scored_by_pool(DEFAULT_POOL)
+    how = [by_teacher, "skipped_zero_variance", "degraded_groups", by_teacher]
     for delivery, also in zip(taken[:4], how, strict=True):
         assert delivery.group is not None
         new_id = queue.forward(
@@ -119,6 +123,7 @@ def test_once_json_reports_exact_counts(
         "skipped_zero_variance": 1,
         "degraded_groups": 1,
     }
+    assert snapshot.teacher_pools == {"default": 2}
     rollouts, scored = snapshot.group(ROLLOUTS), snapshot.group(SCORED)
     assert (rollouts.consumers, rollouts.pending, rollouts.lag) == (1, 1, 1)
     assert (scored.consumers, scored.pending, scored.lag) == (1, 1, 1)
@@ -139,6 +144,7 @@ def test_once_json_reports_exact_counts(
     tables = monitor(redis_url, "--once")
     assert tables.returncode == 0, tables.stderr
     assert "rollouts" in tables.stdout and "teacher said 422" in tables.stdout
+    assert "scored by pool default" in tables.stdout
 
 
 def test_rates_come_from_two_readings(fresh_redis: redis.Redis) -> None:
@@ -183,6 +189,7 @@ def test_exporter_serves_the_same_figures(
     assert found[("rlad_queue_stream_length", (("stream", DEAD),))] == 1
     assert found[("rlad_pipeline_groups_total", (("event", "produced"),))] == 7
     assert found[("rlad_pipeline_groups_total", (("event", "stale"),))] == 1
+    assert found[("rlad_pipeline_teacher_pool_groups_total", (("pool", "default"),))] == 2
     assert found[("rlad_trainer_step", ())] == 12
     assert found[("rlad_trainer_staleness_groups_total", (("versions_behind", "3"),))] == 1
     assert found[("rlad_scorer_teacher_latency_ms", (("quantile", "0.99"),))] == 99

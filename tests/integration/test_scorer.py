@@ -146,7 +146,7 @@ def test_killed_scorer_groups_are_reclaimed_and_scored_once(
         for _, fields in fresh_redis.xrange(RunKeys("test").stream(SCORED))
     ]
     assert sorted(g.group_id for g in scored) == ["g0", "g1", "g2", "g3"]
-    assert queue.stats() == {"produced": 4, "scored": 4}
+    assert queue.stats() == {"produced": 4, "scored": 4, "scored_by_pool:default": 4}
 
     # The attached logprobs are the teacher's: compare with a local forward pass.
     model = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
@@ -205,7 +205,7 @@ def test_a_group_the_teacher_refuses_is_dead_lettered_alone(
     score_batch(redis_url, groups, teacher, api_key="")
 
     queue = GroupQueue(fresh_redis, "test")
-    assert queue.stats() == {"produced": 4, "scored": 3, "dead": 1}
+    assert queue.stats() == {"produced": 4, "scored": 3, "dead": 1, "scored_by_pool:default": 3}
     assert queue.pending_for(ROLLOUTS, "scorer-a") == []
     scored = scored_groups(fresh_redis)
     assert sorted(scored) == ["g0", "g1", "g2"]
@@ -246,7 +246,7 @@ def test_a_wrong_api_key_keeps_the_groups_pending_until_it_is_fixed(
     assert "RLAD_API_KEY does not match the teacher's" in errors[0]
 
     score_batch(redis_url, groups, teacher, api_key="the-teachers-key")  # the key fixed
-    assert queue.stats() == {"produced": 4, "scored": 4}
+    assert queue.stats() == {"produced": 4, "scored": 4, "scored_by_pool:default": 4}
     assert sorted(scored_groups(fresh_redis)) == ["g0", "g1", "g2", "g3"]
     assert queue.pending_for(ROLLOUTS, "scorer-a") == []
 

@@ -77,7 +77,7 @@ def test_several_batches_are_at_the_teacher_at_once_and_each_group_is_forwarded_
     run_scorer(redis_url, config, url, lambda q: q.stats().get("scored", 0) == 16, 60, queue_config)
 
     assert probe.most == 4  # max_in_flight batches, one request each
-    assert queue.stats() == {"produced": 16, "scored": 16}
+    assert queue.stats() == {"produced": 16, "scored": 16, "scored_by_pool:default": 16}
     entries = fresh_redis.xrange(RunKeys("test").stream(SCORED))
     assert len(entries) == 16
     scored = scored_groups(fresh_redis)
@@ -117,7 +117,7 @@ def test_a_stop_mid_flight_leaves_every_unfinished_group_pending_for_another_sco
         QueueConfig(claim_idle_ms=200),
         consumer="scorer-b",
     )
-    assert queue.stats() == {"produced": 8, "scored": 8}
+    assert queue.stats() == {"produced": 8, "scored": 8, "scored_by_pool:default": 8}
     assert sorted(scored_groups(fresh_redis)) == sorted(f"g{i}" for i in range(8))
     assert fresh_redis.xlen(RunKeys("test").stream(SCORED)) == 8
     assert queue.pending_for(ROLLOUTS, "scorer-a") == []

@@ -135,7 +135,8 @@ def test_a_group_of_equal_rewards_is_scored_only_for_kdrl(
 
     skipped = algorithm == "trrd"
     assert sequences_scored(teacher) - before == (3 if skipped else 6)
-    expected = {"produced": 2, "scored": 2} | ({"skipped_zero_variance": 1} if skipped else {})
+    expected = {"produced": 2, "scored": 2, "scored_by_pool:default": 1 if skipped else 2}
+    expected |= {"skipped_zero_variance": 1} if skipped else {}
     assert queue.stats() == expected
     forwarded = scored_groups(fresh_redis)
     assert all(c.teacher_logprobs for c in forwarded["g1"].completions)
@@ -173,7 +174,12 @@ def test_with_on_teacher_down_grpo_groups_go_on_degraded_until_a_teacher_answers
     finally:
         server.stop()
     assert 1.0 <= timeline["degraded"] < 10.0
-    assert queue.stats() == {"produced": 3, "scored": 3, "degraded_groups": 2}
+    assert queue.stats() == {
+        "produced": 3,
+        "scored": 3,
+        "degraded_groups": 2,
+        "scored_by_pool:default": 1,  # g2, by the teacher
+    }
     forwarded = scored_groups(fresh_redis)
     for name in ("g0", "g1"):
         assert forwarded[name].degraded

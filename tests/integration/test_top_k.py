@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from services.clients.teacher import TeacherClient
-from services.common.protocol import CompletionRecord, RolloutGroup, ScoreSequence
+from services.common.protocol import RolloutGroup, ScoreSequence
 from services.common.wire import decode
 from services.config.run import RunConfig
 from services.config.servers import TeacherServerConfig
@@ -25,6 +25,7 @@ from services.queue.keys import DEAD, ROLLOUTS, SCORED, RunKeys
 from services.queue.queues import AsyncQueue, GroupQueue
 from services.workers.scorer import Scorer
 from teacher_server.hf_backend import HFTeacherEngine
+from tests.integration.groups import scored_group
 from tests.teacher_support import ThreadedServer
 from trainer.train import Trainer
 
@@ -38,30 +39,6 @@ def teacher(tiny_teacher: Path) -> Iterator[str]:
     config = TeacherServerConfig(model=str(tiny_teacher), backend="hf", dtype="float32")
     with ThreadedServer(config, HFTeacherEngine(config)) as server:
         yield server.url
-
-
-def rollout_group(index: int, rng: random.Random) -> RolloutGroup:
-    """Four completions of 3..8 tokens, rewards 0/1 (KDRL scores every group anyway)."""
-    completions = []
-    for j in range(4):
-        n = rng.randrange(3, 9)
-        completions.append(
-            CompletionRecord(
-                token_ids=[rng.randrange(2, 90) for _ in range(n)],
-                rollout_logprobs=[-4.5] * n,
-                reward=float(j % 2),
-                correct=bool(j % 2),
-                finish_reason="stop",
-            )
-        )
-    return RolloutGroup(
-        group_id=f"g{index}",
-        prompt_id=f"p{index}",
-        task="kk",
-        policy_version=0,
-        prompt_token_ids=[rng.randrange(2, 90) for _ in range(5)],
-        completions=completions,
-    )
 
 
 def score_with_top_k(redis_url: str, groups: list[RolloutGroup], teacher_url: str) -> None:
@@ -105,12 +82,12 @@ def test_scored_groups_carry_the_teachers_top_k_and_a_kdrl_topk_step_trains_on_t
     fresh_redis: redis.Redis,
 ) -> None:
     rng = random.Random(5)
-    groups = [rollout_group(i, rng) for i in range(2)]
+    groups = [scored_group(i, rng, teacher=False) for i in range(2)]
     score_with_top_k(redis_url, groups, teacher)
 
     entries = fresh_redis.xrange(RunKeys("test").stream(SCORED))
     scored = [decode(fields[b"data"], RolloutGroup) for _, fields in entries]
-    assert [g.group_id for g in scored] == ["g0", "g1"]
+    assert [g.group_id for g in scored] == ["group-0", "group-1"]
     completions = [c for g in scored for c in g.completions]
     for completion, (ids, logprobs) in zip(
         completions, teacher_answer(teacher, scored), strict=True
@@ -124,9 +101,7 @@ def test_scored_groups_carry_the_teachers_top_k_and_a_kdrl_topk_step_trains_on_t
         np.testing.assert_array_equal(top_k.logprob_array(), expected)
 
     # A scored group without top-k (a scorer run with another config) on the same stream.
-    bare = rollout_group(9, rng)
-    for completion in bare.completions:
-        completion.teacher_logprobs = [-2.0] * len(completion.token_ids)
+    bare = scored_group(9, rng)
     bare.teacher_revision = scored[0].teacher_revision
     queue = GroupQueue(fresh_redis, "test")
     queue.publish(SCORED, bare, counter="scored")
@@ -146,9 +121,9 @@ def test_scored_groups_carry_the_teachers_top_k_and_a_kdrl_topk_step_trains_on_t
     )
     trainer = Trainer(run, queue, rollout_urls=[])
     usable = trainer.take(3)
-    assert [d.group.group_id for d in usable if d.group] == ["g0", "g1"]
+    assert [d.group.group_id for d in usable if d.group] == ["group-0", "group-1"]
     (dead,) = fresh_redis.xrange(RunKeys("test").stream(DEAD))
-    assert decode(dead[1][b"data"], RolloutGroup).group_id == "g9"
+    assert decode(dead[1][b"data"], RolloutGroup).group_id == "group-9"
     assert "have no teacher top-k, which kd_estimator topk needs" in dead[1][b"reason"].decode()
 
     metrics = trainer.train_step([d.group for d in usable if d.group])

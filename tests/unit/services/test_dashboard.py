@@ -18,10 +18,12 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.runtime import free_port
+from services.config.teachers import DEFAULT_POOL
 from services.config.workers import QueueConfig
 from services.launch.processes import ManagedProcess
-from services.queue.keys import ROLLOUTS, RunKeys
+from services.queue.keys import ROLLOUTS, SCORED, RunKeys
 from services.queue.queues import GroupQueue
+from services.queue.state import scored_by_pool
 from tests.integration.test_monitor import make_group
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -93,7 +95,13 @@ def exported(
     client = redis.Redis.from_url(redis_url)
     client.flushdb()
     queue = GroupQueue(client, "test", QueueConfig())
-    queue.publish(ROLLOUTS, make_group(0), counter="produced")
+    for i in range(2):
+        queue.publish(ROLLOUTS, make_group(i), counter="produced")
+    # One scored by the run's one teacher, the pool `default`, as every run of the stack has.
+    (taken, _) = queue.consume(ROLLOUTS, "scorer-a", count=2, block_ms=100, reclaim=False)
+    queue.forward(
+        ROLLOUTS, taken.message_id, SCORED, make_group(0), "scored", scored_by_pool(DEFAULT_POOL)
+    )
     client.hset(
         RunKeys("test").trainer_state,
         mapping={"step": 1, "policy_version": 1, "updated_at": time.time()},

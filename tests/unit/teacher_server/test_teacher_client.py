@@ -17,7 +17,7 @@ from services.clients.teacher import (
     TeacherUnavailable,
 )
 from services.clients.teacher_pools import verify_tokenizers
-from services.common.protocol import ScoreSequence, ServerInfo
+from services.common.protocol import TOP_K_OVER_LIMIT, ErrorResponse, ScoreSequence, ServerInfo
 from services.common.runtime import free_port
 from services.common.tokenizer_check import TokenizerMismatch
 from services.config.servers import TeacherServerConfig
@@ -140,6 +140,10 @@ def test_a_top_k_over_the_teachers_limit_blames_the_deployment_not_the_sequences
     dead-lettered one by one as invalid."""
     capped = hf_config.model_copy(update={"max_top_k": 2, "cache_bytes": 0})
     with ThreadedServer(capped, hf_engine) as server:
+        over = {"sequences": [{"token_ids": [1, 2, 3], "start": 1}], "top_k": 4}
+        refusal = httpx.post(f"{server.url}/v1/score", json=over, timeout=30)
+        assert refusal.status_code == 422
+        assert ErrorResponse.model_validate_json(refusal.content).error.type == TOP_K_OVER_LIMIT
 
         async def run() -> None:
             async with TeacherClient([server.url], health_interval_s=0, deadline_s=5) as client:

@@ -44,6 +44,26 @@ def random_inputs(
     )
 
 
+def tokens(
+    logp: list[float],
+    old: list[float],
+    advantages: list[float],
+    teacher: list[float] | None = None,
+    **extra: torch.Tensor,
+) -> LossInputs:
+    """One single-token completion per entry."""
+    column = lambda values: torch.tensor(values).unsqueeze(1)  # noqa: E731
+    return LossInputs(
+        trainer_logprobs=column(logp).requires_grad_(True),
+        old_logprobs=column(old),
+        rollout_logprobs=column(old),
+        advantages=torch.tensor(advantages),
+        loss_mask=torch.ones(len(logp), 1),
+        teacher_logprobs=None if teacher is None else column(teacher),
+        **extra,
+    )
+
+
 def with_logprobs(inputs: LossInputs, logprobs: torch.Tensor) -> LossInputs:
     """The same inputs around a fresh leaf of trainer logprobs."""
     return dataclasses.replace(inputs, trainer_logprobs=logprobs.detach().clone().requires_grad_())

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from loss_reference import loss_and_grad, random_inputs
+from loss_reference import loss_and_grad, random_inputs, tokens
 
 from services.config.algorithm import GrpoConfig, KdrlConfig
-from trainer.loss import LossInputs, kd_beta
+from trainer.loss import kd_beta
 
 
 @pytest.mark.parametrize(
@@ -34,14 +34,7 @@ def test_kd_beta_without_annealing_is_the_end_value() -> None:
 )
 def test_kd_estimators_by_hand(estimator: str, value: float, derivative: float) -> None:
     # A = 0 leaves only the KD term; step 0: β_kd = 5e-3; one token, token-mean.
-    inputs = LossInputs(
-        trainer_logprobs=torch.tensor([[-1.0]]),
-        old_logprobs=torch.tensor([[-1.0]]),
-        rollout_logprobs=torch.tensor([[-1.0]]),
-        advantages=torch.tensor([0.0]),
-        loss_mask=torch.ones(1, 1),
-        teacher_logprobs=torch.tensor([[-2.0]]),
-    )
+    inputs = tokens([-1.0], [-1.0], [0.0], teacher=[-2.0])
     config = KdrlConfig(kd_estimator=estimator)  # type: ignore[arg-type]
     loss, grad, metrics = loss_and_grad(inputs, config)
     assert loss.item() == pytest.approx(5e-3 * value, abs=1e-8)

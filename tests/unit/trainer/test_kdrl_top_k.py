@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from loss_reference import random_inputs, reference_policy_loss, with_logprobs
+from loss_reference import random_inputs, reference_policy_loss, tokens, with_logprobs
 
 from services.common.logprobs import selective_log_softmax
 from services.config.algorithm import AlgorithmConfig, KdrlConfig, TrrdConfig
@@ -56,13 +56,11 @@ def test_top_k_forward_kl_by_hand() -> None:
     # p_T = (0.6, 0.3), π_θ = (0.5, 0.25) at those ids:
     # KD = 0.6·ln(0.6/0.5) + 0.3·ln(0.3/0.25) = 0.9·ln 1.2 = 0.164089
     # d KD / d log π_θ(v) = −p_T(v) = (−0.6, −0.3); nothing reaches the sampled token's logp.
-    inputs = LossInputs(
-        trainer_logprobs=torch.tensor([[-1.0]]),
-        old_logprobs=torch.tensor([[-1.0]]),
-        rollout_logprobs=torch.tensor([[-1.0]]),
-        advantages=torch.tensor([0.0]),
-        loss_mask=torch.ones(1, 1),
-        teacher_logprobs=torch.tensor([[-2.0]]),
+    inputs = tokens(
+        [-1.0],
+        [-1.0],
+        [0.0],
+        teacher=[-2.0],
         teacher_top_k_logprobs=torch.tensor([[[math.log(0.6), math.log(0.3)]]]),
         trainer_top_k_logprobs=torch.tensor([[[math.log(0.5), math.log(0.25)]]]),
     )

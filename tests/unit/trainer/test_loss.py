@@ -14,30 +14,11 @@ from loss_reference import (
     random_inputs,
     reference_loss_and_grad,
     take_rows,
+    tokens,
 )
 
 from services.config.algorithm import AlgorithmConfig, GrpoConfig, KdrlConfig, TrrdConfig
 from trainer.loss import LossInputs, policy_loss
-
-
-def tokens(
-    logp: list[float],
-    old: list[float],
-    advantages: list[float],
-    teacher: list[float] | None = None,
-    **extra: torch.Tensor,
-) -> LossInputs:
-    """One single-token completion per entry."""
-    column = lambda values: torch.tensor(values).unsqueeze(1)  # noqa: E731
-    return LossInputs(
-        trainer_logprobs=column(logp).requires_grad_(True),
-        old_logprobs=column(old),
-        rollout_logprobs=column(old),
-        advantages=torch.tensor(advantages),
-        loss_mask=torch.ones(len(logp), 1),
-        teacher_logprobs=None if teacher is None else column(teacher),
-        **extra,
-    )
 
 
 def test_trrd_ratio_mode_by_hand() -> None:
