@@ -101,11 +101,13 @@ class Controller:
         ray = import_ray()
         if self.redis_url is None:
             self._start_redis()
-        self.scale("rollout", 1)
+        # The servers load their models side by side; their clients start once they serve.
+        servers = {"rollout": 1}
         if deploys_teachers(self.run):
-            self.scale("teacher", self.cluster.teacher.replicas)
-        self.scale("scorer", self.cluster.scorer.replicas)
-        self.scale("rollout-worker", self.cluster.rollout_worker.replicas)
+            servers["teacher"] = self.cluster.teacher.replicas
+        self._resize(servers)
+        clients = {"scorer": self.cluster.scorer, "rollout-worker": self.cluster.rollout_worker}
+        self._resize({role: resources.replicas for role, resources in clients.items()})
         self._start_trainer()
         ray.get([handle.status.remote() for _, handle in self.actors["trainer"]])
         assert self.redis_url is not None
@@ -267,23 +269,34 @@ class Controller:
         Returns once the new ones are ready (a server answers /health and registers at
         once: its clients take it at their next look) and the removed ones have stopped (a
         server drained: its clients moved off, its requests in flight were answered)."""
+        return self._resize({role: replicas})[role]
+
+    def _resize(self, wanted: dict[str, int]) -> dict[str, list[str]]:
+        """`scale` for several roles at once: their new replicas start side by side."""
         ray = import_ray()
-        if replicas < 0:
+        if any(replicas < 0 for replicas in wanted.values()):
             raise ValueError("replicas must be >= 0")
+        plans: dict[str, tuple[list[tuple[str, Any]], list[tuple[str, Any]]]] = {}
+        for role, replicas in wanted.items():
+            with self.lock:
+                current = list(self.actors.get(role, []))
+            started: list[tuple[str, Any]] = []
+            while len(current) + len(started) < replicas:
+                index = self.next_index.get(role, 0)
+                self.next_index[role] = index + 1
+                spec, resources = self._role_spec(role, index)
+                actor = self._actor(spec, resources).remote(spec, self.name)
+                started.append((spec.name, actor))
+            plans[role] = current, started
+        ray.get([actor.address_of.remote() for _, new in plans.values() for _, actor in new])
+        removed: list[tuple[str, Any]] = []
         with self.lock:
-            current = list(self.actors.get(role, []))
-        started: list[tuple[str, Any]] = []
-        while len(current) + len(started) < replicas:
-            index = self.next_index.get(role, 0)
-            self.next_index[role] = index + 1
-            spec, resources = self._role_spec(role, index)
-            started.append((spec.name, self._actor(spec, resources).remote(spec, self.name)))
-        ray.get([actor.address_of.remote() for _, actor in started])
-        removed = current[replicas:]
-        with self.lock:
-            self.actors[role] = current[:replicas] + started
+            for role, (current, started) in plans.items():
+                self.actors[role] = current[: wanted[role]] + started
+                removed += current[wanted[role] :]
         self._stop(removed)
-        return [name for name, _ in self.actors[role]]
+        with self.lock:
+            return {role: [name for name, _ in self.actors[role]] for role in wanted}
 
     def _stop(self, actors: list[tuple[str, Any]]) -> None:
         """SIGTERM every process at once and wait for each (servers drain side by side),

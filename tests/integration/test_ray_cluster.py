@@ -57,7 +57,13 @@ def cluster() -> Iterator[Any]:
 
 
 def tiny_run(
-    folder: Path, name: str, student: Path, teacher: Path, cluster: dict[str, Any]
+    folder: Path,
+    name: str,
+    student: Path,
+    teacher: Path,
+    cluster: dict[str, Any],
+    steps: int = STEPS,
+    scorer: dict[str, Any] | None = None,
 ) -> RunConfig:
     return RunConfig.model_validate(
         {
@@ -70,13 +76,14 @@ def tiny_run(
             # the weights every step.
             "algorithm": {"name": "kdrl", "kd_beta_start": 0.5, "kd_beta_end": 0.5},
             "trainer": {
-                "steps": STEPS,
+                "steps": steps,
                 "batch_prompts": BATCH_PROMPTS,
                 "checkpoint_every": 3,
                 "lr": 1e-4,
             },
             "rollout": {"group_size": 4, "prompts_per_request": 2, "max_tokens": 16},
             "queue": {"max_backlog": 6},
+            "scorer": scorer or {},
             "rollout_server": {"backend": "hf"},
             "teacher_server": {"backend": "hf"},
             "cpu_placement": False,
@@ -234,16 +241,23 @@ def test_two_rollout_workers_never_repeat_a_prompt_while_teachers_scale_up_and_d
         "rollout_worker": {"replicas": 2, "num_cpus": 0.5},
         "trainer": {"num_cpus": 1},
     }
-    run = tiny_run(tmp_path, "scaled", tiny_student, tiny_teacher, placed)
+    # One group per teacher call: many calls, spread over the replicas by their load.
+    run = tiny_run(tmp_path, "scaled", tiny_student, tiny_teacher, placed, 20, {"batch_groups": 1})
     registry = ServerRegistry(fresh_redis, run.name)
     tail = StreamTail(redis_url, RunKeys(run.name).stream(ROLLOUTS))
     try:
         with ray_pipeline(run) as running:
             wait_for_steps(run, 1)
+            # The trainer steps faster than a teacher starts: hold the workers while the
+            # teachers start, so that the run cannot end first (it trains what is queued,
+            # at most queue.max_backlog groups and the workers' last requests).
+            controller = running.controller
+            assert ray.get(controller.scale.remote("rollout-worker", 0)) == []
             rlad_scale(cluster.address, run, 3)
-            teachers = ray.get(running.controller.addresses.remote("teacher"))
+            teachers = ray.get(controller.addresses.remote("teacher"))
             until(lambda: registered(registry) == sorted(teachers), 10, "not registered")
-            until(  # the scorer found each new teacher and sent it work
+            assert len(ray.get(controller.scale.remote("rollout-worker", 2))) == 2
+            until(  # the running scorer found each new teacher and sent it work
                 lambda: all(scored_requests(url, API_KEY) > 0 for url in teachers[1:]),
                 60,
                 "a new teacher served nothing",
