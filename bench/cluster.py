@@ -66,7 +66,10 @@ def step_times(config: dict[str, Any], rounds: int) -> tuple[list[float], list[f
 
 def scale_up_to_first_request(config: dict[str, Any], timeout_s: float = 600.0) -> float:
     ray = import_ray()
-    run = RunConfig.model_validate({**config, "name": "scale"})
+    # The untrained tiny student's groups often earn equal rewards, which the scorer would
+    # forward without a teacher call: score every group, so that the new teacher is asked.
+    scorer = {**config["scorer"], "skip_zero_variance": False}
+    run = RunConfig.model_validate({**config, "name": "scale", "scorer": scorer})
     run.trainer.steps = 1_000_000  # stopped with the deployment
     with ray_pipeline(run) as running:
         metrics = run.folder / "metrics.jsonl"
