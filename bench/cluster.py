@@ -3,8 +3,10 @@
 (a) `ray_vs_local_step_time_ratio`: the median steady trainer step time of `rlad up --ray`
     (a local one-node Ray, the same CPU placement) over that of `rlad up`, on the same
     config, the two alternating in one run;
-(b) `scale_up_to_first_request_s`: from `rlad scale teacher 2` on a running `rlad up --ray`
-    to the first score request the new teacher replica served (its /metrics).
+(b) `scale_up_to_first_request_s`: from asking the deployment's controller for a second
+    teacher (what `rlad scale teacher 2` asks) on a running `rlad up --ray` to the first
+    score request the new replica served (its /metrics): its start, its model load, its
+    registration, and the scorer finding it in the registry.
 
     python bench/cluster.py --quick     # one round of 6 steps each, then the scale-up
     python bench/cluster.py             # three rounds of 20 steps each
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from pipeline import steady_step_time
+from pipeline import steady
 from tiny_stack import base_config
 
 from services.bootstrap.tiny_models import save_tiny_model
@@ -31,6 +33,7 @@ from services.config.run import RunConfig
 from services.launch.ray_actors import import_ray
 from services.launch.ray_up import ray_pipeline, ray_up
 from services.launch.up import up
+from trainer.metrics_sink import read_metrics
 
 SERVED = re.compile(r'^rlad_teacher_requests_total\{status="200"\} (\S+)$', re.MULTILINE)
 
@@ -51,7 +54,8 @@ def step_times(config: dict[str, Any], rounds: int) -> tuple[list[float], list[f
             run = RunConfig.model_validate({**config, "name": f"{label}-{round_}"})
             started = time.perf_counter()
             folder = up(run, live=False) if label == "local" else ray_up(run, None, live=False)
-            times.append(steady_step_time(folder))
+            rows = read_metrics(folder / "metrics.jsonl")
+            times.append(steady(rows, [], run.rollout.group_size).step_s)
             print(
                 f"  {label:<5} round {round_}: steady step {times[-1]:.3f}s "
                 f"(run {time.perf_counter() - started:.0f}s)",
@@ -62,7 +66,10 @@ def step_times(config: dict[str, Any], rounds: int) -> tuple[list[float], list[f
 
 def scale_up_to_first_request(config: dict[str, Any], timeout_s: float = 600.0) -> float:
     ray = import_ray()
-    run = RunConfig.model_validate({**config, "name": "scale"})
+    # The untrained tiny student's groups often earn equal rewards, which the scorer would
+    # forward without a teacher call: score every group, so that the new teacher is asked.
+    scorer = {**config["scorer"], "skip_zero_variance": False}
+    run = RunConfig.model_validate({**config, "name": "scale", "scorer": scorer})
     run.trainer.steps = 1_000_000  # stopped with the deployment
     with ray_pipeline(run) as running:
         metrics = run.folder / "metrics.jsonl"

@@ -16,15 +16,16 @@ def command(
     name: str | None = typer.Option(None, help="The run name, when `rlad up` overrode it."),
     ray: str = typer.Option("auto", "--ray", help="The Ray cluster the run is deployed on."),
 ) -> None:
-    """New replicas serve within seconds of starting; removed ones are drained first."""
+    """New replicas serve within seconds of being ready; removed servers drain first (their
+    clients move off, their requests in flight are answered), then stop."""
     from rich.console import Console
 
     from services.cli.options import load_run
     from services.launch.ray_up import scale
 
-    run_name = name or load_run(config).name
+    run = load_run(config, {"name": name} if name else None)
     try:
-        names = scale(run_name, role, replicas, ray)
+        names = scale(run, role, replicas, ray)
     except (ValueError, RuntimeError) as exc:
         raise typer.BadParameter(str(exc)) from None
     Console().print(f"{role}: {len(names)} replicas ({', '.join(names) or 'none'})")

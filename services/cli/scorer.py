@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING
 import typer
 
 if TYPE_CHECKING:
+    from services.clients.teacher_pools import TeacherPools
     from services.common.protocol import ServerInfo
     from services.config.run import RunConfig
     from services.config.teachers import TeacherPoolConfig
+    from services.queue.registry import AsyncServerRegistry
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,10 @@ def command(
         "each pool its own (`--pool`).",
     ),
     rollout_url: str | None = typer.Option(
-        None, "--rollout-url", help="A rollout server, to check tokenizer compatibility."
+        None,
+        "--rollout-url",
+        help="A rollout server, to check tokenizer compatibility; or `registry`: one "
+        "registered in the run's Redis (`rlad serve-rollout --register`).",
     ),
     redis_url: str | None = typer.Option(None, "--redis-url", envvar="REDIS_URL"),
     consumer: str = typer.Option(
@@ -66,7 +71,6 @@ def command(
     """Score groups with the teacher (or pass them through for plain GRPO)."""
     from services.cli.options import async_redis_client, load_run, registry_given
     from services.clients.discovery import expand_teacher_urls
-    from services.clients.rollout import RolloutClient
     from services.clients.teacher_pools import TeacherPools
     from services.common.http_server import api_key
     from services.common.runtime import StopFlag, configure_logging
@@ -112,25 +116,45 @@ def command(
                         follows_registry=registry,
                     )
                 )
+                servers = AsyncServerRegistry(redis_client, run.name, run.queue.redis_outage_s)
                 if registry:
-                    servers = AsyncServerRegistry(redis_client, run.name, run.queue.redis_outage_s)
                     for each in teachers.pools:
                         await stack.enter_async_context(
                             following(servers, "teacher", each.client.set_urls, pool=each.name)
                         )
                 if rollout_url:
-                    async with RolloutClient([rollout_url], api_key=api_key()) as rollout:
-                        try:  # waits for the teachers until their deadline, or a stop
-                            student, infos = await until_stopped(
-                                asyncio.gather(rollout.info(), teachers.infos()), stop
-                            )
-                        except Stopped:
-                            return
-                        for pool, info in infos.items():
-                            check_teacher(student, info, run, pool)
+                    try:  # waits for the servers until their deadline, or a stop
+                        await until_stopped(
+                            check_teachers(run, rollout_url, servers, teachers), stop
+                        )
+                    except Stopped:
+                        return
                 await Scorer(run.scorer, queue, teachers, consumer).run(stop)
 
     asyncio.run(main())
+
+
+async def check_teachers(
+    run: RunConfig, rollout_url: str, servers: AsyncServerRegistry, teachers: TeacherPools
+) -> None:
+    """`check_teacher` for every pool, against the rollout server at `rollout_url`, or
+    against one registered in the run's Redis when it says `registry`."""
+    from services.cli.options import registry_given
+    from services.clients.rollout import RolloutClient
+    from services.common.http_server import api_key
+    from services.queue.registry import following
+
+    follows = registry_given([rollout_url], "--rollout-url")
+    async with contextlib.AsyncExitStack() as stack:
+        urls = [] if follows else [rollout_url]
+        rollout = await stack.enter_async_context(
+            RolloutClient(urls, api_key=api_key(), follows_registry=follows)
+        )
+        if follows:
+            await stack.enter_async_context(following(servers, "rollout", rollout.set_urls))
+        student, infos = await asyncio.gather(rollout.info(), teachers.infos())
+    for pool, info in infos.items():
+        check_teacher(student, info, run, pool)
 
 
 def _pools(run: RunConfig, given: list[str], registry: bool) -> list[TeacherPoolConfig]:

@@ -4,10 +4,15 @@ The actor holds its role's resources (Ray placed it on a node that has them) and
 process as its child, its output in `<run folder>/logs/<name>.log`. When the process dies
 the actor dies with it, so that Ray restarts the actor (`cluster.max_restarts`), on
 another node if its node is gone; a restarted trainer rank passes `--resume`. A process
-that names another actor's address (a server URL, the trainer's rendezvous) reads it as it
-starts; when that address changes (its server came back elsewhere), the process is stopped
-so that it starts again on the new one. A process that exits with code 0 (the trainer at
-its last step) has finished: its actor stays, and says so.
+that exits with code 0 (the trainer at its last step) has finished: its actor stays, and
+says so.
+
+Servers register in the run's Redis and their clients follow the registry, so most
+processes need no other actor's address. The few that do (the trainer's ranks above 0:
+rank 0's rendezvous; a trainer that pushes over a device channel: its rollout server) read
+it from the controller as they start, and again every few seconds: when it changed (that
+actor came back elsewhere), the actor stops its process and dies, so that Ray starts it
+again on the new address.
 
 Ray is imported here and in `ray_up`, never at the top of a module that the services image
 (which has no Ray) imports.
@@ -57,6 +62,9 @@ class ProcessSpec:
     port: int | None = None  # redis: the port clients were given
     password: str | None = None  # redis: the password it requires
     health_timeout_s: float = 600.0
+    # How long a SIGTERM'd process may take before SIGKILL: a server's drain, a trainer's
+    # last checkpoint.
+    stop_grace_s: float = 30.0
     rendezvous_from: str | None = None  # trainer ranks > 0: the role of rank 0
     flags_from: dict[str, str] = field(default_factory=dict)  # flag -> a role's addresses
     resume_flag: bool = False  # add `--resume` when Ray restarted this actor
@@ -126,7 +134,7 @@ class ProcessActor:
         return {flag: ray.get(controller.addresses.remote(role)) for flag, role in wanted.items()}
 
     def _watch(self) -> None:
-        """Die with the process; restart it when an address it was started with changed."""
+        """Die with the process, or once an address it was started with changed."""
         checked = time.monotonic()
         while True:
             time.sleep(WATCH_EVERY_S)
@@ -145,8 +153,9 @@ class ProcessActor:
                     moved = self._read_inputs() != self.inputs
                 except Exception:  # an input restarting: read again later
                     moved = False
-                if moved:
-                    self.process.stop()
+                if moved:  # stopped, it may exit 0: it must not pass for finished
+                    self.process.stop(self.spec.stop_grace_s)
+                    os._exit(1)
 
     def address_of(self) -> str | None:
         """The server's URL, or the rendezvous `host:port` of trainer rank 0."""
@@ -163,8 +172,9 @@ class ProcessActor:
             "address": self.address,
         }
 
-    def stop(self, grace_s: float = 30.0) -> int | None:
-        """Stop the process (SIGTERM: a trainer checkpoints, a worker finishes its batch)."""
+    def stop(self) -> int | None:
+        """Stop the process (SIGTERM: a server drains, a trainer checkpoints, a worker
+        finishes its batch), SIGKILL after `stop_grace_s`."""
         self.stopping = True
-        self.process.stop(grace_s)
+        self.process.stop(self.spec.stop_grace_s)
         return self.process.proc.returncode if self.process.proc else None

@@ -3,10 +3,13 @@ process actor of the stack, starts them in order, changes a role's replica count
 (`rlad scale`) and stops them all.
 
 Named `rlad:<run>:controller` in the `rlad` namespace, so that `rlad scale` (another
-driver) finds it. The process actors ask it for the addresses they are started with (the
-rollout server's URL, the teachers', the trainer's rendezvous), and read them again every
-few seconds: a server that Ray restarted on another node, or a teacher added or removed,
-restarts the processes that call it on the new set (services/launch/ray_actors.py).
+driver) finds it. The servers it starts register in the run's Redis (`RLAD_REGISTER`,
+services/queue/registry.py) and their clients follow the registry: a teacher added is
+scored with within seconds, one removed drains (SIGTERM: it says so, its clients move
+off, it answers what it holds and withdraws), and a server that Ray restarted elsewhere
+is found at its new address without restarting anyone. Only the trainer reads addresses
+from the controller (services/launch/ray_actors.py): rank 0's rendezvous, and the rollout
+server's URL when it pushes over a device channel, which is opened to one fixed server.
 """
 
 from __future__ import annotations
@@ -17,23 +20,46 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from services.config.cluster import ClusterConfig, RoleResources
+from services.config.cluster import SCALABLE_ROLES, ClusterConfig, RoleResources
 from services.config.run import RunConfig
-from services.launch.ray_actors import (
-    NAMESPACE,
-    WATCH_EVERY_S,
-    ProcessActor,
-    ProcessSpec,
-    import_ray,
-)
+from services.config.servers import ServerConfig
+from services.launch.ray_actors import NAMESPACE, ProcessActor, ProcessSpec, import_ray
 from services.launch.up import RLAD, vllm_cpu_env
+from services.queue.registry import REGISTRY, Role
 
-# A removed replica is stopped once the processes that called it have read the smaller set.
-DRAIN_S = 6 * WATCH_EVERY_S
+# A stopped server's drain is bounded by its drain_timeout_s; this much more lets uvicorn
+# and its engine shut down before SIGKILL.
+SHUTDOWN_S = 15.0
 
 
 def controller_name(run: str) -> str:
     return f"rlad:{run}:controller"
+
+
+def deploys_teachers(run: RunConfig) -> bool:
+    """Whether the deployment runs teacher servers of its own (the scorer scores and the
+    config names no remote `teacher_urls` pools)."""
+    return run.scorer.mode == "teacher" and not run.teacher_urls
+
+
+def check_scalable(run: RunConfig, role: str) -> None:
+    """Refuse, saying why, a role that `rlad scale` cannot change in this run."""
+    if role not in SCALABLE_ROLES:
+        raise ValueError(f"cannot scale {role!r}: scale one of {', '.join(SCALABLE_ROLES)}")
+    if role == "teacher" and not deploys_teachers(run):
+        raise ValueError(
+            f"run {run.name!r} runs no teacher servers of its own: its scorer passes groups "
+            "through, or scores with the config's teacher_urls"
+        )
+
+
+def trainer_follows_registry(run: RunConfig) -> bool:
+    """Whether the trainer's weights go over http or a shared file, so that it can push to
+    whichever rollout server is registered; a device channel (NCCL, CUDA IPC) is opened
+    once, to the server the trainer was started with."""
+    transport = run.trainer.push_transport
+    on_cpu = run.cluster.trainer.num_gpus == 0
+    return transport in ("http", "file") or (transport == "auto" and on_cpu)
 
 
 @dataclass
@@ -75,12 +101,13 @@ class Controller:
         ray = import_ray()
         if self.redis_url is None:
             self._start_redis()
-        uses_teacher = self.run.scorer.mode == "teacher" and not self.run.teacher_urls
-        self.scale("rollout", 1)
-        if uses_teacher:
-            self.scale("teacher", self.cluster.teacher.replicas)
-        self.scale("scorer", self.cluster.scorer.replicas)
-        self.scale("rollout-worker", self.cluster.rollout_worker.replicas)
+        # The servers load their models side by side; their clients start once they serve.
+        servers = {"rollout": 1}
+        if deploys_teachers(self.run):
+            servers["teacher"] = self.cluster.teacher.replicas
+        self._resize(servers)
+        clients = {"scorer": self.cluster.scorer, "rollout-worker": self.cluster.rollout_worker}
+        self._resize({role: resources.replicas for role, resources in clients.items()})
         self._start_trainer()
         ray.get([handle.status.remote() for _, handle in self.actors["trainer"]])
         assert self.redis_url is not None
@@ -140,13 +167,14 @@ class Controller:
                 },
             )
             args = ["train", *self._common(), *(["--resume"] if self.plan.resume else [])]
+            follows = trainer_follows_registry(self.run)
             spec = self._spec(
                 f"trainer-{rank}",
-                [*RLAD, *args],
+                [*RLAD, *args, *(["--rollout-url", REGISTRY] if follows else [])],
                 env=env,
                 kind="rendezvous" if rank == 0 else None,
                 rendezvous_from=None if rank == 0 else "trainer-0",
-                flags_from={"--rollout-url": "rollout"},
+                flags_from={} if follows else {"--rollout-url": "rollout"},
                 resume_flag=not self.plan.resume,
             )
             strategy_of_rank = PlacementGroupSchedulingStrategy(
@@ -171,37 +199,42 @@ class Controller:
             merged |= more
         return merged
 
+    def _server_spec(self, name: str, role: Role, server: ServerConfig) -> ProcessSpec:
+        """`rlad serve-<role>`, registered in the run's Redis (named by the environment,
+        like REDIS_URL) and drained when stopped."""
+        assert self.redis_url is not None
+        env = {
+            "RLAD_REGISTER": self.redis_url,
+            **vllm_cpu_env(server),
+            **self.plan.placement.get(role, {}),
+        }
+        argv = [*RLAD, f"serve-{role}", "--config", self.plan.config_path]
+        grace = server.drain_timeout_s + SHUTDOWN_S
+        return self._spec(name, argv, env=env, kind="http", stop_grace_s=grace)
+
     def _role_spec(self, role: str, index: int) -> tuple[ProcessSpec, RoleResources]:
         name = f"{role}-{index}"
-        placement = self.plan.placement
         if role == "rollout":
-            env = {**vllm_cpu_env(self.run.rollout_server), **placement.get("rollout", {})}
-            argv = [*RLAD, "serve-rollout", "--config", self.plan.config_path]
-            return self._spec(name, argv, env=env, kind="http"), self.cluster.rollout_server
+            spec = self._server_spec(name, "rollout", self.run.rollout_server)
+            return spec, self.cluster.rollout_server
         if role == "teacher":
             assert self.run.teacher_server is not None  # RunConfig: a teacher when needed
-            env = {**vllm_cpu_env(self.run.teacher_server), **placement.get("teacher", {})}
-            argv = [*RLAD, "serve-teacher", "--config", self.plan.config_path]
-            return self._spec(name, argv, env=env, kind="http"), self.cluster.teacher
+            spec = self._server_spec(name, "teacher", self.run.teacher_server)
+            return spec, self.cluster.teacher
         if role == "scorer":
-            remote = [  # the config's pools, NAME=URL, as `rlad up` passes them
+            teachers = [  # the config's remote pools, NAME=URL, as `rlad up` passes them
                 flag
                 for pool in self.run.teacher_urls
                 for url in pool.urls
                 for flag in ("--teacher-url", f"{pool.name}={url}")
             ]
-            inputs = {"--rollout-url": "rollout"}
-            if not self.run.teacher_urls:
-                inputs["--teacher-url"] = "teacher"
-            argv = [*RLAD, "scorer", *self._common(), *remote]
-            spec = self._spec(name, argv, env=self._env(), flags_from=inputs)
-            return spec, self.cluster.scorer
+            if deploys_teachers(self.run):
+                teachers = ["--teacher-url", REGISTRY]
+            argv = [*RLAD, "scorer", *self._common(), *teachers, "--rollout-url", REGISTRY]
+            return self._spec(name, argv, env=self._env()), self.cluster.scorer
         if role == "rollout-worker":
-            argv = [*RLAD, "rollout-worker", *self._common()]
-            inputs = {"--rollout-url": "rollout"}
-            return self._spec(
-                name, argv, env=self._env(), flags_from=inputs
-            ), self.cluster.rollout_worker
+            argv = [*RLAD, "rollout-worker", *self._common(), "--rollout-url", REGISTRY]
+            return self._spec(name, argv, env=self._env()), self.cluster.rollout_worker
         raise ValueError(f"no role {role!r}: teacher, rollout-worker or scorer")
 
     def _spec(self, name: str, argv: list[str], **fields: Any) -> ProcessSpec:
@@ -232,36 +265,57 @@ class Controller:
         )
 
     def scale(self, role: str, replicas: int) -> list[str]:
-        """Start or drain replicas of `role` until it has `replicas`; returns their names.
-        New replicas join once ready (a server answers /health); removed ones leave the
-        set first, and are stopped once their callers have moved to the smaller set."""
+        """Start or stop replicas of `role` until it has `replicas`; returns their names.
+        Returns once the new ones are ready (a server answers /health and registers at
+        once: its clients take it at their next look) and the removed ones have stopped (a
+        server drained: its clients moved off, its requests in flight were answered)."""
+        return self._resize({role: replicas})[role]
+
+    def _resize(self, wanted: dict[str, int]) -> dict[str, list[str]]:
+        """`scale` for several roles at once: their new replicas start side by side."""
         ray = import_ray()
-        if replicas < 0:
+        if any(replicas < 0 for replicas in wanted.values()):
             raise ValueError("replicas must be >= 0")
+        plans: dict[str, tuple[list[tuple[str, Any]], list[tuple[str, Any]]]] = {}
+        for role, replicas in wanted.items():
+            with self.lock:
+                current = list(self.actors.get(role, []))
+            started: list[tuple[str, Any]] = []
+            while len(current) + len(started) < replicas:
+                index = self.next_index.get(role, 0)
+                self.next_index[role] = index + 1
+                spec, resources = self._role_spec(role, index)
+                actor = self._actor(spec, resources).remote(spec, self.name)
+                started.append((spec.name, actor))
+            plans[role] = current, started
+        ray.get([actor.address_of.remote() for _, new in plans.values() for _, actor in new])
+        removed: list[tuple[str, Any]] = []
         with self.lock:
-            current = list(self.actors.get(role, []))
-        started: list[tuple[str, Any]] = []
-        while len(current) + len(started) < replicas:
-            index = self.next_index.get(role, 0)
-            self.next_index[role] = index + 1
-            spec, resources = self._role_spec(role, index)
-            started.append((spec.name, self._actor(spec, resources).remote(spec, self.name)))
-        ray.get([actor.address_of.remote() for _, actor in started])
-        removed = current[replicas:]
+            for role, (current, started) in plans.items():
+                self.actors[role] = current[: wanted[role]] + started
+                removed += current[wanted[role] :]
+        self._stop(removed)
         with self.lock:
-            self.actors[role] = current[:replicas] + started
-        if removed:
-            time.sleep(DRAIN_S)
-            self._stop(removed)
-        return [name for name, _ in self.actors[role]]
+            return {role: [name for name, _ in self.actors[role]] for role in wanted}
 
     def _stop(self, actors: list[tuple[str, Any]]) -> None:
+        """SIGTERM every process at once and wait for each (servers drain side by side),
+        then end the actors."""
         ray = import_ray()
-        for _, actor in actors:
+        stopping = [(actor, actor.stop.remote()) for _, actor in actors]
+        deadline = time.monotonic() + self._stop_timeout_s()
+        for actor, stopped in stopping:
             # Dead already, or not answering: killed below either way.
             with contextlib.suppress(Exception):
-                ray.get(actor.stop.remote(), timeout=60)
+                ray.get(stopped, timeout=max(deadline - time.monotonic(), 1.0))
             ray.kill(actor, no_restart=True)
+
+    def _stop_timeout_s(self) -> float:
+        """The longest one `ProcessActor.stop` may take (a server's drain and shut-down,
+        else the default grace), with room for the SIGKILL after it."""
+        servers = [s for s in (self.run.rollout_server, self.run.teacher_server) if s]
+        graces = [ProcessSpec.stop_grace_s, *(s.drain_timeout_s + SHUTDOWN_S for s in servers)]
+        return max(graces) + 10.0
 
     # ------------------------------------------------------------ queries
 
@@ -299,9 +353,10 @@ class Controller:
         self._stop(stopping)
 
     def shutdown(self) -> None:
-        """Stop every process, callers before the servers they call, Redis last."""
-        order = ["rollout-worker", "scorer", "trainer", "teacher", "rollout", "redis"]
-        self.stop_roles([role for role in order if role in self.actors])
+        """Stop every process: the workers, then the trainer (its last checkpoint records
+        in Redis), then the servers, Redis last; each stage's processes side by side."""
+        for roles in (["rollout-worker", "scorer"], ["trainer"], ["teacher", "rollout"], ["redis"]):
+            self.stop_roles(roles)
         if self.trainer_group is not None:
             from ray.util.placement_group import remove_placement_group
 

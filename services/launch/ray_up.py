@@ -4,8 +4,9 @@ Joins a Ray cluster (`--ray auto`, `--ray host:6379`, or `cluster.address`) or s
 local one, starts Redis on this node (a `redis-server` with AOF in the run folder) unless
 `cluster.redis` is `external` (REDIS_URL), then hands the deployment to a named detached
 controller actor (services/launch/ray_deployment.py) and follows the trainer to its last
-step with the same live view, queue accounts and curves as `rlad up`. Ray restarts a
-process that dies, on another node if its node is gone (services/launch/ray_actors.py).
+step with the same live view, queue accounts and curves as `rlad up`. The servers register
+in that Redis and their clients follow the registry. Ray restarts a process that dies, on
+another node if its node is gone (services/launch/ray_actors.py).
 On a cluster of several nodes the run folder must be on storage that every node mounts at
 the same path (checkpoints, the exported weights, logs), as must the models and this code.
 """
@@ -24,13 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from services.common.runtime import free_port
-from services.config.cluster import SCALABLE_ROLES
 from services.config.run import RunConfig
 from services.launch.cpu_placement import placement_for_this_machine
 from services.launch.live_view import LiveView
 from services.launch.plots import plot_curves
 from services.launch.ray_actors import NAMESPACE, import_ray
-from services.launch.ray_deployment import Controller, Plan, controller_name
+from services.launch.ray_deployment import Controller, Plan, check_scalable, controller_name
 from services.launch.up import prepare_folder, queue_accounts
 from services.queue.connection import clear_run, connect
 from trainer.metrics_sink import read_metrics
@@ -158,18 +158,18 @@ def ray_up(run: RunConfig, address: str | None, resume: bool = False, live: bool
     return folder
 
 
-def scale(run_name: str, role: str, replicas: int, address: str) -> list[str]:
-    """`rlad scale`: set `role`'s replica count in the running deployment of `run_name`."""
-    if role not in SCALABLE_ROLES:
-        raise ValueError(f"cannot scale {role!r}: scale one of {', '.join(SCALABLE_ROLES)}")
+def scale(run: RunConfig, role: str, replicas: int, address: str) -> list[str]:
+    """`rlad scale`: set `role`'s replica count in the running deployment of `run`; returns
+    once the new replicas serve and the removed ones have drained and stopped."""
+    check_scalable(run, role)
     ray = import_ray()
     if not ray.is_initialized():
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
     try:
-        controller = ray.get_actor(controller_name(run_name), namespace=NAMESPACE)
+        controller = ray.get_actor(controller_name(run.name), namespace=NAMESPACE)
     except ValueError:
         raise RuntimeError(
-            f"no deployment of run {run_name!r} on the Ray cluster at {address}: "
+            f"no deployment of run {run.name!r} on the Ray cluster at {address}: "
             "start it with `rlad up --ray`"
         ) from None
     return list(ray.get(controller.scale.remote(role, replicas)))

@@ -29,6 +29,17 @@ RUN = "cursor"
 GROUPS_EACH = 8
 
 
+def rollout_groups(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[RolloutGroup]:
+    """The groups of `rollouts` stream entries, as XRANGE or XREAD return them."""
+    return [wire.decode(fields[b"data"], RolloutGroup) for _, fields in entries]
+
+
+def prompt_positions(groups: list[RolloutGroup]) -> list[int]:
+    """The prompt-stream positions the groups were generated at, sorted: a position that
+    appears twice was generated twice."""
+    return sorted(g.prompt_index for g in groups if g.prompt_index is not None)
+
+
 def test_two_workers_split_the_prompt_stream(
     tmp_path: Path, tiny_student: Path, redis_url: str, fresh_redis: redis.Redis
 ) -> None:
@@ -64,11 +75,9 @@ def test_two_workers_split_the_prompt_stream(
         made = re.search(r"stopping after (\d+)\s+groups", worker.log_path.read_text())
         assert made and int(made.group(1)) >= GROUPS_EACH, worker.tail()
     keys = RunKeys(RUN)
-    entries = fresh_redis.xrange(keys.stream(ROLLOUTS))
-    groups = [wire.decode(fields[b"data"], RolloutGroup) for _, fields in entries]
+    groups = rollout_groups(fresh_redis.xrange(keys.stream(ROLLOUTS)))
     cursor = int(fresh_redis.get(keys.prompt_cursor) or 0)
-    positions = sorted(g.prompt_index for g in groups if g.prompt_index is not None)
-    assert positions == list(range(cursor)), "a position generated twice, or one skipped"
+    assert prompt_positions(groups) == list(range(cursor)), "a position twice, or one skipped"
     assert cursor >= 2 * GROUPS_EACH
     run = load_run_config(config)
     order = load_task(run.task).problems("train", seed=run.rollout.seed)

@@ -49,9 +49,11 @@ def teacher(model: Path, folder: Path, redis_url: str, *flags: str) -> tuple[Man
     )
 
 
-def scored_requests(url: str) -> float:
-    """Successful `/v1/score` answers so far, from the teacher's Prometheus metrics."""
-    text = httpx.get(f"{url}/metrics", timeout=5).text
+def scored_requests(url: str, api_key: str | None = None) -> float:
+    """Successful `/v1/score` answers so far, from the teacher's Prometheus metrics (read
+    with `api_key` where the server requires one)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    text = httpx.get(f"{url}/metrics", headers=headers, timeout=5).text
     found = re.search(r'^rlad_teacher_requests_total\{status="200"\} (\S+)$', text, re.M)
     return float(found.group(1)) if found else 0.0
 
