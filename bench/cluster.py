@@ -28,7 +28,6 @@ import httpx
 from pipeline import steady
 from tiny_stack import base_config
 
-from services.bootstrap.tiny_models import save_tiny_model
 from services.config.run import RunConfig
 from services.launch.ray_actors import import_ray
 from services.launch.ray_up import ray_pipeline, ray_up
@@ -66,10 +65,7 @@ def step_times(config: dict[str, Any], rounds: int) -> tuple[list[float], list[f
 
 def scale_up_to_first_request(config: dict[str, Any], timeout_s: float = 600.0) -> float:
     ray = import_ray()
-    # The untrained tiny student's groups often earn equal rewards, which the scorer would
-    # forward without a teacher call: score every group, so that the new teacher is asked.
-    scorer = {**config["scorer"], "skip_zero_variance": False}
-    run = RunConfig.model_validate({**config, "name": "scale", "scorer": scorer})
+    run = RunConfig.model_validate({**config, "name": "scale"})
     run.trainer.steps = 1_000_000  # stopped with the deployment
     with ray_pipeline(run) as running:
         metrics = run.folder / "metrics.jsonl"
@@ -95,12 +91,8 @@ def main() -> None:
     rounds, steps = (1, 6) if args.quick else (args.rounds, args.steps)
     os.environ.setdefault("RLAD_API_KEY", secrets.token_urlsafe(24))
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        student = save_tiny_model(folder / "student", "student", seed=0)
-        teacher = save_tiny_model(folder / "teacher", "teacher", seed=1)
-        config = base_config(folder / "runs", student, teacher, steps)
-        config["rollout"]["max_tokens"] = 64
-        print(f"cluster benchmark: {rounds} round(s) of {steps} steps, tiny models on CPU")
+        config = base_config(Path(tmp) / "runs", steps)
+        print(f"cluster benchmark: {rounds} round(s) of {steps} steps, the shipped tiny models")
         local, on_ray = step_times(config, rounds)
         ratio = statistics.median(on_ray) / statistics.median(local)
         print(f"ray_vs_local_step_time_ratio {ratio:.3f}")

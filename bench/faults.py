@@ -51,13 +51,12 @@ from tiny_stack import base_config
 
 from services.config.run import RunConfig
 
-TINY = Path("artifacts/tiny")
 STEPS = 1_000_000  # never reached: the bench stops the trainer itself
 FIRST_CHECKPOINT_S = 600.0  # servers, engines and DeepSpeed all start on the same few cores
 
 
 def run_config(args: argparse.Namespace) -> RunConfig:
-    config = base_config(args.runs, TINY / "student", TINY / "teacher", STEPS)
+    config = base_config(args.runs, STEPS)
     config["name"] = args.name
     config["trainer"]["checkpoint_every"] = args.checkpoint_every
     return RunConfig.model_validate(config)

@@ -18,10 +18,7 @@ median over rounds is printed with the range of the rounds' values, e.g.
 `rlad_vs_grpo_step_time_ratio: 0.985 (rounds: 0.951..1.032)`.
 
 The models are the shipped bootstrapped pair (`artifacts/tiny`, what `rlad up` trains), at
-the tiny config's completion length: their rewards differ within a group, so the trainer
-really updates and the teacher really scores. (Untrained models earn −1 on every sample:
-every group would be skipped by the scorer and every update by the trainer, and the
-figures would time the weight pushes alone.)
+the tiny config's completion length (bench/tiny_stack.py says why).
 
 Run: `python bench/pipeline.py` (5 rounds of 8 steps per arm, each arm about 2.2 minutes on
 2 CPU cores, most of it starting the servers: about 45 minutes; `--rounds 3`: about 30);
@@ -57,7 +54,6 @@ from trainer.metrics_sink import read_metrics
 WARMUP_STEPS = 2
 POLL_S = 0.25  # how often the teachers' token counters are read during an arm
 LATENCY_MS = 200
-SHIPPED = Path("artifacts/tiny")  # rlad bootstrap's pair, in the repository
 
 
 @dataclass
@@ -199,13 +195,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.steps, args.rounds = 5, 1
-    if not (SHIPPED / "student").is_dir():
-        parser.error(f"no models in {SHIPPED}: run `rlad bootstrap --out {SHIPPED}` first")
     if args.steps < WARMUP_STEPS + 3:
         parser.error(f"--steps must be at least {WARMUP_STEPS + 3} (the first gaps are warm-up)")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        config = base_config(folder / "runs", SHIPPED / "student", SHIPPED / "teacher", args.steps)
+        config = base_config(folder / "runs", args.steps)
         config["trainer"]["batch_prompts"] = batch = args.batch_prompts
         if args.max_tokens is not None:
             config["rollout"]["max_tokens"] = args.max_tokens

@@ -273,7 +273,6 @@ class Controller:
 
     def _resize(self, wanted: dict[str, int]) -> dict[str, list[str]]:
         """`scale` for several roles at once: their new replicas start side by side."""
-        ray = import_ray()
         if any(replicas < 0 for replicas in wanted.values()):
             raise ValueError("replicas must be >= 0")
         plans: dict[str, tuple[list[tuple[str, Any]], list[tuple[str, Any]]]] = {}
@@ -288,7 +287,7 @@ class Controller:
                 actor = self._actor(spec, resources).remote(spec, self.name)
                 started.append((spec.name, actor))
             plans[role] = current, started
-        ray.get([actor.address_of.remote() for _, new in plans.values() for _, actor in new])
+        self._wait_started(plans)
         removed: list[tuple[str, Any]] = []
         with self.lock:
             for role, (current, started) in plans.items():
@@ -297,6 +296,28 @@ class Controller:
         self._stop(removed)
         with self.lock:
             return {role: [name for name, _ in self.actors[role]] for role in wanted}
+
+    def _wait_started(self, plans: dict[str, tuple[list[Any], list[tuple[str, Any]]]]) -> None:
+        """Wait until every new replica is ready; one that Ray cannot place (or that never
+        answers) within `health_timeout_s` is stopped, and the error says what it asked for
+        and what the cluster has free, rather than `rlad scale` waiting for ever."""
+        ray = import_ray()
+        new = [(role, actor) for role, (_, started) in plans.items() for _, actor in started]
+        ready = [actor.address_of.remote() for _, actor in new]
+        timeout = self.cluster.health_timeout_s
+        _, pending = ray.wait(ready, num_returns=len(ready), timeout=timeout)
+        if not pending:
+            ray.get(ready)  # raises a replica's own failure, if one failed
+            return
+        for _, actor in new:
+            ray.kill(actor, no_restart=True)
+        asked = {role: self._role_spec(role, 0)[1].ray_bundle() for role, _ in new}
+        raise RuntimeError(
+            f"{len(pending)} new replica(s) not ready after {timeout:.0f}s "
+            f"(cluster.health_timeout_s): each asks {asked}; the cluster has "
+            f"{ray.available_resources()} free. Add nodes, or ask for less "
+            "(cluster.<role>.num_cpus / num_gpus / resources)."
+        )
 
     def _stop(self, actors: list[tuple[str, Any]]) -> None:
         """SIGTERM every process at once and wait for each (servers drain side by side),

@@ -14,6 +14,7 @@ the same path (checkpoints, the exported weights, logs), as must the models and 
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import shutil
@@ -39,8 +40,9 @@ LOCAL = "local"  # `--ray` without an address: a Ray of our own on this machine
 
 
 def requested_cpus(run: RunConfig) -> float:
-    """The CPUs the deployment asks for at start: a local Ray offers at least that many,
-    since `cpu_placement` rather than Ray's count shares this machine's cores."""
+    """The CPUs the deployment asks for at start. A local Ray offers twice that many (or
+    the machine's count, if more): Ray's CPUs only place actors here, `cpu_placement`
+    shares the cores, and the room lets `rlad scale` add replicas."""
     cluster = run.cluster
     roles = [cluster.rollout_server, cluster.scorer, cluster.rollout_worker, cluster.teacher]
     cpus = sum(role.num_cpus * role.replicas for role in roles)
@@ -54,7 +56,7 @@ def connect_ray(run: RunConfig, address: str | None) -> Any:
         return ray
     address = address or run.cluster.address or LOCAL
     if address == LOCAL:
-        cpus = max(os.cpu_count() or 1, int(requested_cpus(run) + 0.999))
+        cpus = max(os.cpu_count() or 1, math.ceil(2 * requested_cpus(run)))
         ray.init(namespace=NAMESPACE, num_cpus=cpus, include_dashboard=False)
     else:
         ray.init(address=address, namespace=NAMESPACE)
