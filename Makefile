@@ -1,10 +1,10 @@
 # `make run`: set up and run the whole pipeline on CPU with tiny models.
-# `make test`: set up and run lint, type checks and the full test suite.
+# `make test`: set up and run lint, type checks, the full test suite and the compose smoke run.
 VENV ?= .venv
 BIN := $(VENV)/bin
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup run test lint typecheck unit bench compare gpu-smoke gpu-wheels compose-smoke
+.PHONY: setup run test lint typecheck unit bench compare gpu-smoke gpu-wheels compose-smoke docker-tools
 
 setup:
 	bash scripts/setup.sh
@@ -24,8 +24,14 @@ typecheck: setup
 unit: setup
 	$(BIN)/pytest tests/unit -q
 
-test: lint typecheck
+# The Docker tools come first (apt, as root, where missing), so that the compose tests
+# validate docker-compose.yml with a real compose; the smoke run of the compose stack last.
+test: docker-tools lint typecheck
 	$(BIN)/pytest -q
+	bash scripts/compose_smoke.sh
+
+docker-tools:
+	bash scripts/docker_tools.sh
 
 bench: setup
 	$(BIN)/python bench/loss.py

@@ -3,7 +3,7 @@
 # (Debian, as root): the engine (docker.io, which also brings a client), a compose
 # (Debian's docker-compose, unless the `docker compose` plugin is there) and debootstrap
 # (for stand-in base images). Idempotent: a machine that has them is left as it is.
-# .ci/run runs it before the tests, so that tests/unit/services/test_compose.py validates
+# `make test` runs it before the tests, so that tests/unit/services/test_compose.py validates
 # the compose file with a real compose.
 set -euo pipefail
 
